@@ -1,0 +1,207 @@
+"""
+Model and processor loading shared by sft.py, grpo.py and infer.py, and the tiny offline models.
+
+    python model.py --tiny qwen2_5_vl --out out/tiny-qwen2_5_vl     # random tiny Qwen2.5-VL + tokenizer
+    python model.py --tiny qwen3_vl --out out/tiny-qwen3_vl
+
+`load` takes a local directory or a hub id (Qwen2.5-VL-3B-Instruct, Qwen3-VL-4B-Instruct, a checkpoint
+written by sft.py or grpo.py, or a tiny model made here) and returns (model, processor) with the
+decision tokens in the vocabulary and the vision encoder frozen, as both papers train.
+"""
+import argparse
+import json
+import os
+
+import torch
+from transformers import AutoModelForImageTextToText
+
+from data import DECISION_TOKENS
+
+MIN_PIXELS, MAX_PIXELS = 3136, 100352  # SPEC section 1: at most 128 visual tokens per frame
+
+
+class Processor:
+    """What the scripts use of a HF processor: tokenizer, image processor and chat template. Built
+    from those parts because AutoProcessor also insists on the video processor, which needs
+    torchvision, and torchvision cannot be installed beside the CPU torch (ENVIRONMENT.md). Frames
+    always enter as images (one per turn, SPEC section 1), so the video processor is never needed."""
+
+    def __init__(self, tokenizer, image_processor, chat_template):
+        self.tokenizer, self.image_processor, self.chat_template = tokenizer, image_processor, chat_template
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    @classmethod
+    def from_pretrained(cls, path, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers.utils import cached_file
+        tok = AutoTokenizer.from_pretrained(path)
+        ip = AutoImageProcessor.from_pretrained(path)
+        ip.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        template = tok.chat_template  # the processor's own template file wins where there is one
+        for name in ("chat_template.jinja", "chat_template.json"):
+            f = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+            if f:
+                text = open(f).read()
+                template = json.loads(text)["chat_template"] if name.endswith("json") else text
+                break
+        if template is None:
+            raise ValueError(f"{path}: no chat template found (chat_template.jinja/.json or in the tokenizer)")
+        return cls(tok, ip, template)
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=tokenize,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def save_pretrained(self, out):
+        self.tokenizer.save_pretrained(out)
+        self.image_processor.save_pretrained(out)
+        with open(os.path.join(out, "chat_template.jinja"), "w") as f:
+            f.write(self.chat_template)
+
+
+def load(path, dtype=torch.float32, device="cpu", attn="sdpa", freeze_vision=True,
+         min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    processor = Processor.from_pretrained(path, min_pixels, max_pixels)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
+    add_decision_tokens(model, processor.tokenizer)
+    if freeze_vision:  # the ViT stays frozen; the merger (projector) and the LLM are trained
+        for name, p in model.model.visual.named_parameters():
+            p.requires_grad = "merger" in name
+    return model, processor
+
+
+def add_decision_tokens(model, tok):
+    """Add </Silence> </Standby> </Response> as single special tokens (all three, so one checkpoint
+    serves both the 2- and 3-state formats) and give their embeddings the mean of the existing ones.
+    Real Qwen checkpoints have spare embedding rows beyond len(tokenizer): new ids land there and the
+    matrix keeps its size; a tiny model's matrix is grown to fit."""
+    new = [t for t in DECISION_TOKENS if t not in tok.get_vocab()]
+    if not new:
+        return
+    n_old = len(tok)
+    tok.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    emb = model.get_input_embeddings()
+    if len(tok) > emb.weight.shape[0]:
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():
+        ids = tok.convert_tokens_to_ids(new)
+        for e in {model.get_input_embeddings(), model.get_output_embeddings()}:
+            e.weight[ids] = e.weight[:n_old].mean(0)
+
+
+def vocab_mask(model, tok):
+    """True for embedding rows that are not real tokens (padding rows): never sample them."""
+    V = model.get_output_embeddings().weight.shape[0]
+    m = torch.zeros(V, dtype=torch.bool)
+    m[len(tok):] = True
+    return m
+
+
+# -----------------------------------------------------------------------------
+# Tiny models: random weights, a tokenizer trained offline, a processor; no download anywhere
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+            "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2-VL's chat template (system default, image/video placeholders), written out so tiny models
+# render conversations exactly like the real checkpoints do.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size=1024):
+    """Byte-level BPE trained on the synthetic benchmark's text, with Qwen2's pre-tokenizer and Qwen's
+    special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from synthetic import corpus
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    n_special = len(SPECIALS)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - n_special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(corpus(), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    # like a released Instruct tokenizer, no decision tokens yet: `load` adds them
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS[1:]}, replace_extra_special_tokens=False)
+    tok.add_special_tokens({"pad_token": "<|endoftext|>"})
+    return tok
+
+
+def build_tiny(family="qwen2_5_vl", out="out/tiny-qwen2_5_vl", seed=0, hidden=128, layers=2, heads=4,
+               vision_hidden=64, vision_depth=2):
+    """A random tiny Qwen2.5-VL or Qwen3-VL saved in the layout `load` reads. Head dim 32 keeps it
+    inside vLLM's CPU attention kernels (ENVIRONMENT.md)."""
+    from transformers import Qwen2VLImageProcessorPil
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                                                         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=8192,
+                rms_norm_eps=1e-6, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
+                bos_token_id=None, tie_word_embeddings=True)
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
+                  out_hidden_size=hidden, spatial_merge_size=2, temporal_patch_size=2)
+    hd = hidden // heads
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration as M
+        processor_class = "Qwen2_5_VLProcessor"
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16]}
+        vision.update(patch_size=14, window_size=112, fullatt_block_indexes=[vision_depth - 1], tokens_per_second=2)
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
+        patch = 14
+    elif family == "qwen3_vl":
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration as M
+        processor_class = "Qwen3VLProcessor"
+        text.update(head_dim=hd, rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6 * hd // 32, 5 * hd // 32, 5 * hd // 32], "mrope_interleaved": True})
+        vision.update(patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0])
+        config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
+        patch = 16
+    else:
+        raise ValueError(f"unknown family {family!r}: qwen2_5_vl or qwen3_vl")
+    model = M(config)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                               size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    Processor(tok, image_processor, CHAT_TEMPLATE).save_pretrained(out)
+    # Written by hand (no torchvision here to build the class): what AutoProcessor / vLLM read on a GPU
+    # machine. Not exercised on CPU; the CPU path reads the parts above through Processor.
+    with open(os.path.join(out, "video_preprocessor_config.json"), "w") as f:
+        json.dump({"video_processor_type": "Qwen2VLVideoProcessor" if family == "qwen2_5_vl" else "Qwen3VLVideoProcessor",
+                   "processor_class": processor_class, "patch_size": patch, "merge_size": 2, "temporal_patch_size": 2,
+                   "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}}, f, indent=1)
+    return out
+
+
+def ensure_tiny(family="qwen2_5_vl", root="out"):
+    """The default tiny model directory, built on first use (a few seconds)."""
+    out = os.path.join(root, f"tiny-{family}")
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        build_tiny(family, out)
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", choices=["qwen2_5_vl", "qwen3_vl"], required=True)
+    p.add_argument("--out", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    out = build_tiny(a.tiny, a.out or f"out/tiny-{a.tiny}", a.seed)
+    model, processor = load(out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out}: {n / 1e6:.2f} M parameters, vocabulary {len(processor.tokenizer)}")

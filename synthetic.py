@@ -1,0 +1,382 @@
+"""
+The synthetic proactive benchmark: real H.264 mp4 files of coloured shapes on a small canvas, with
+questions and timed answers whose ground truth is known exactly, covering the seven StreamPro-Bench
+tasks. It is the default data of every script, so the whole pipeline runs offline on a CPU.
+
+    python data.py --make-synthetic                      # default sizes, into data/synthetic
+    python synthetic.py --out data/synthetic --n-train 1200 --levels 0,1,2 --seed 0
+
+Difficulty levels (measured with the tiny models, see README):
+  0  one square changes colour at random times; "tell me when the square turns red"        (OU)
+  1  question-conditioned: "tell me when the square turns {colour}"; changes to other colours and
+     the colour changes of other shapes are distractors                                      (OU)
+  2  the seven tasks EU OU AA TP TG GP RF with 1-3 shapes that move, change and vanish
+
+Time convention (ours): scene changes happen at whole seconds e (frames at t >= e show them). At 1 fps
+the first frame that shows the change is frame e, so the earliest a streaming model can answer is
+the end of turn e, t = e + 1. All annotation times are these decision times (physical time + 1 s),
+so SPEC's label rule (answer in the first turn with t_k >= t) puts every answer in the turn whose
+frame shows the evidence, and a perfect model scores S_time = 1. Event times are random with no
+fixed spacing: a model cannot time its answers from the rhythm of its own previous answers.
+"""
+import argparse
+import json
+import os
+from multiprocessing import Pool
+
+import numpy as np
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
+SHAPES = ("square", "circle", "triangle")
+DIRS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+PLACES = {"top left": (0, 0), "top right": (2, 0), "bottom left": (0, 2), "bottom right": (2, 2), "centre": (1, 1)}
+BACKGROUND = (40, 40, 40)
+TASK_TEXT = {  # the question templates, also used to train the tiny tokenizer (model.py)
+    "OU0": "Tell me when the square turns red.",
+    "OU1": "Tell me when the {shape} turns {colour}.",
+    "OU": "Tell me every time the {colour} {shape} changes colour.",
+    "AA": "Alert me at once if anything unusual happens.",
+    "EU": "Describe each movement of the {colour} {shape} as soon as it is complete.",
+    "TP": "What does the {colour2} {shape2} do after the {colour} {shape} moves {dir}?",
+    "TG": "When does the {colour} {shape} move {dir}? Tell me its start and end times as soon as it stops.",
+    "GP": "Goal: bring the {colour} {shape} to the {p1}, then to the {p2}, then to the {p3}. Each time a step is done, tell me the next one.",
+    "RF": "Warn me 3 seconds before the {colour} {shape} hits a wall.",
+}
+
+
+class Scene:
+    """Objects with per-second state: centre (x, y), colour, visibility. Positions are interpolated
+    linearly between whole seconds (motion), colour and visibility switch at whole seconds."""
+
+    def __init__(self, rng, duration, size, n_objects, colours=None, shapes=None):
+        self.rng, self.T, self.size = rng, duration, size
+        self.obj = []
+        cells = rng.permutation(9)[:n_objects]
+        colours = colours or list(rng.permutation(list(COLOURS))[:n_objects])
+        shapes = shapes or [SHAPES[i] for i in rng.integers(0, 3, n_objects)]
+        for i in range(n_objects):
+            x, y = self.cell_xy(cells[i] % 3, cells[i] // 3)
+            self.obj.append({"shape": shapes[i], "x": np.full(duration + 2, x), "y": np.full(duration + 2, y),
+                             "colour": [colours[i]] * (duration + 2), "visible": np.ones(duration + 2, bool)})
+        self.flash = np.zeros(duration + 2, bool)
+        self.busy = np.zeros((n_objects, duration + 2), bool)  # seconds an object is moving
+
+    def cell_xy(self, cx, cy):
+        return (cx + 0.5) * self.size / 3, (cy + 0.5) * self.size / 3
+
+    def cell_of(self, i, s):
+        o = self.obj[i]
+        return int(o["x"][s] * 3 // self.size), int(o["y"][s] * 3 // self.size)
+
+    def move(self, i, s, e, x, y):
+        """Object i glides from where it is at second s to (x, y), arriving at second e."""
+        o = self.obj[i]
+        for key, to in (("x", x), ("y", y)):
+            a = o[key][s]
+            o[key][s:e + 1] = a + (to - a) * np.arange(e - s + 1) / (e - s)
+            o[key][e + 1:] = to
+        self.busy[i, s:e] = True
+
+    def free(self, i, s, e, cx, cy):
+        """Is cell (cx, cy) on the grid and unused by the other objects from s on?"""
+        if not (0 <= cx < 3 and 0 <= cy < 3):
+            return False
+        return all(j == i or all(self.cell_of(j, t) != (cx, cy) for t in range(s, self.T + 1)) for j in range(len(self.obj)))
+
+    def set_colour(self, i, s, colour):
+        self.obj[i]["colour"][s:] = [colour] * (self.T + 2 - s)
+
+    def render(self, t):
+        s, a = int(t), t - int(t)
+        img = np.empty((self.size, self.size, 3), np.uint8)
+        img[:] = (250, 250, 250) if self.flash[s] else BACKGROUND
+        yy, xx = np.mgrid[: self.size, : self.size] + 0.5
+        r = self.size / 8  # half the side of a shape
+        for o in self.obj:
+            if not o["visible"][s]:
+                continue
+            x, y = (1 - a) * o["x"][s] + a * o["x"][s + 1], (1 - a) * o["y"][s] + a * o["y"][s + 1]
+            dx, dy = xx - x, yy - y
+            if o["shape"] == "square":
+                m = (abs(dx) <= r) & (abs(dy) <= r)
+            elif o["shape"] == "circle":
+                m = dx**2 + dy**2 <= r**2
+            else:  # triangle pointing up
+                m = (dy <= r) & (dy >= -r) & (abs(dx) <= (dy + r) / 2)
+            img[m] = COLOURS[o["colour"][s]]
+        return img
+
+
+def poisson_times(rng, start, end, rate):
+    """Random whole seconds in [start, end) where something happens, each second independently."""
+    return [s for s in range(start, end) if rng.random() < rate]
+
+
+def name(scene, i):
+    return f"{scene.obj[i]['colour'][0]} {scene.obj[i]['shape']}"
+
+
+def colour_changes(scene, i, times, rng):
+    """Object i changes to a new colour at each time; returns [(time, new colour)]."""
+    out = []
+    for s in times:
+        new = rng.choice([c for c in COLOURS if c != scene.obj[i]["colour"][s]])
+        scene.set_colour(i, s, str(new))
+        out.append((s, str(new)))
+    return out
+
+
+def random_moves(scene, i, start, end, rng, rate=0.25, limit=99):
+    """Object i makes up to `limit` random one-cell moves (2-4 s each) at random times, all finished
+    by second `end`; returns [(s, e, dir)]."""
+    moves, s = [], start
+    while s < end and len(moves) < limit:
+        if rng.random() < rate and not scene.busy[i, s]:
+            d = int(rng.integers(2, 5))
+            dname = str(rng.choice(list(DIRS)))
+            cx, cy = scene.cell_of(i, s)
+            cx, cy = cx + DIRS[dname][0], cy + DIRS[dname][1]
+            if s + d <= end and scene.free(i, s, s + d, cx, cy):
+                scene.move(i, s, s + d, *scene.cell_xy(cx, cy))
+                moves.append((s, s + d, dname))
+                s += d
+                continue
+        s += 1
+    return moves
+
+
+def instant(t, text, **slots):
+    return {"time": float(t + 1), "text": text, "slots": slots}  # +1: decision-time convention above
+
+
+def interval(s, e, text, **slots):
+    return {"start": float(s + 1), "end": float(e + 1), "text": text, "slots": slots}
+
+
+def make_sample(rng, level, task, duration, size):
+    """One video's scene and its annotation (question, query time, answers)."""
+    T = duration
+    q = int(rng.integers(0, max(1, T // 5)))  # question asked in the first fifth of the video
+    if level in (0, 1):
+        n = 1 if level == 0 else 2
+        sc = Scene(rng, T, size, n, shapes=["square"] + [str(rng.choice(SHAPES[1:]))] * (n - 1))
+        target = "red" if level == 0 else str(rng.choice(list(COLOURS)))
+        if sc.obj[0]["colour"][0] == target:
+            sc.set_colour(0, 0, str(rng.choice([c for c in COLOURS if c != target])))
+        changes = colour_changes(sc, 0, poisson_times(rng, 1, T, 0.2), rng)
+        for j in range(1, n):
+            colour_changes(sc, j, poisson_times(rng, 1, T, 0.2), rng)
+        question = TASK_TEXT["OU0"] if level == 0 else TASK_TEXT["OU1"].format(shape="square", colour=target)
+        answers = [instant(s, f"The square turned {c}.", shape="square", colour=c) for s, c in changes if c == target and s >= q]
+        return sc, "OU", question, q, answers
+
+    # (ours) GP and RF scenes hold one shape, so nothing blocks its path; TP needs two
+    n = {"GP": 1, "RF": 1, "TP": int(rng.integers(2, 4))}.get(task, int(rng.integers(1, 4)))
+    sc = Scene(rng, T, size, n)
+    nm, colour, shape = name(sc, 0), sc.obj[0]["colour"][0], sc.obj[0]["shape"]
+    last = T - 1  # events must be seen by the last frame: answer times (e + 1) stay <= duration
+    if task == "OU":
+        changes = colour_changes(sc, 0, poisson_times(rng, q + 1, T, 0.15), rng)
+        for j in range(1, n):
+            colour_changes(sc, j, poisson_times(rng, 1, T, 0.1), rng)
+        question = TASK_TEXT["OU"].format(colour=colour, shape=shape)
+        answers = [instant(s, f"The {shape} turned {c}.", shape=shape, colour=c) for s, c in changes]
+    elif task == "AA":
+        random_moves(sc, 0, 0, last, rng, rate=0.1)
+        s = int(rng.integers(q + 2, T - 1))
+        if rng.random() < 0.5:
+            i = int(rng.integers(0, n))
+            sc.obj[i]["visible"][s:] = False
+            answers = [instant(s, f"Alert: the {name(sc, i)} vanished.", colour=sc.obj[i]["colour"][0], shape=sc.obj[i]["shape"], event="vanished")]
+        else:
+            sc.flash[s] = True
+            answers = [instant(s, "Alert: there was a bright flash.", event="flash")]
+        question = TASK_TEXT["AA"]
+    elif task == "EU":
+        moves = random_moves(sc, 0, q + 1, last, rng, rate=0.3)
+        question = TASK_TEXT["EU"].format(colour=colour, shape=shape)
+        answers = [interval(s, e, f"The {nm} moved {d}.", colour=colour, shape=shape, direction=d) for s, e, d in moves]
+    elif task == "TP":
+        first = random_moves(sc, 0, q + 1, T // 2, rng, rate=0.3, limit=1)  # the target event
+        if not first:
+            return None
+        s0, e0, d0 = first[0]
+        later = random_moves(sc, 1, e0, last, rng, rate=0.3, limit=2)  # what follows it
+        question = TASK_TEXT["TP"].format(colour2=sc.obj[1]["colour"][0], shape2=sc.obj[1]["shape"], colour=colour, shape=shape, dir=d0)
+        o1 = sc.obj[1]
+        answers = [interval(s, e, f"The {name(sc, 1)} moved {d}.", colour=o1["colour"][0], shape=o1["shape"], direction=d) for s, e, d in later]
+    elif task == "TG":
+        d0 = str(rng.choice(list(DIRS)))
+        moves = random_moves(sc, 0, q + 1, last, rng, rate=0.25)
+        hits = [m for m in moves if m[2] == d0]
+        if len(hits) != 1:  # the question must name exactly one movement
+            return None
+        s, e, _ = hits[0]
+        question = TASK_TEXT["TG"].format(colour=colour, shape=shape, dir=d0)
+        answers = [interval(s, e, f"From {s + 1}s to {e + 1}s.", start=s + 1, end=e + 1)]
+    elif task == "GP":
+        cx, cy = sc.cell_of(0, 0)
+        here = [p for p, c in PLACES.items() if c == (cx, cy)]
+        plan = [str(p) for p in rng.permutation([p for p in PLACES if p not in here])[:3]]
+        speed = int(rng.integers(1, 3))  # seconds per cell: constant speed makes completion predictable
+        s, answers = q + int(rng.integers(1, 4)), []
+        for k, p in enumerate(plan):
+            x0, y0 = sc.cell_of(0, s)
+            e = s + speed * max(abs(PLACES[p][0] - x0), abs(PLACES[p][1] - y0))
+            if e >= T:
+                return None
+            sc.move(0, s, e, *sc.cell_xy(*PLACES[p]))
+            nxt = f"Next, bring it to the {plan[k + 1]}." if k + 1 < len(plan) else "The goal is reached."
+            answers.append(instant(e, nxt, place=plan[k + 1]) if k + 1 < len(plan) else instant(e, nxt, event="done"))
+            s = e + int(rng.integers(1, 4))
+        question = TASK_TEXT["GP"].format(colour=colour, shape=shape, p1=plan[0], p2=plan[1], p3=plan[2])
+    elif task == "RF":
+        r, v = size / 8, float(rng.integers(2, 5))  # half-side, speed in px/s
+        d = str(rng.choice(list(DIRS)))
+        wall = {"left": "left", "right": "right", "up": "top", "down": "bottom"}[d]
+        ax, sign = ("x", "y")[DIRS[d][0] == 0], sum(DIRS[d])
+        stop = size - r if sign > 0 else r  # the centre's coordinate at impact
+        travel = int(rng.integers(5, 11))  # seconds of visible motion before impact (>= 2 before the warning)
+        impact = q + 3 + int(rng.integers(3, 9))
+        if impact >= T or impact - travel < 0 or abs(stop - v * travel * sign - size / 2) > size / 2 - r:
+            return None
+        o, s0 = sc.obj[0], impact - travel
+        o[ax][:s0] = stop - sign * v * travel
+        o[ax][s0:impact + 1] = stop - sign * v * (impact - np.arange(s0, impact + 1))
+        o[ax][impact + 1:] = stop  # it hits the wall and stays there: one impact, one warning
+        question = TASK_TEXT["RF"].format(colour=colour, shape=shape)
+        answers = [instant(impact - 3, f"Warning: the {nm} will hit the {wall} wall.", colour=colour, shape=shape, wall=wall)]
+    for j in range(1, len(sc.obj)):  # distractors: the other shapes wander about (TP's second shape is scripted)
+        if not (task == "TP" and j == 1):
+            random_moves(sc, j, 0, last, rng, rate=0.1)
+    return sc, task, question, q, answers
+
+
+def write_mp4(path, scene, fps):
+    import av
+    with av.open(path, "w") as c:
+        st = c.add_stream("libx264", rate=fps)
+        st.width = st.height = scene.size
+        st.pix_fmt, st.options = "yuv420p", {"crf": "12", "preset": "ultrafast"}
+        for i in range(scene.T * fps):
+            for p in st.encode(av.VideoFrame.from_ndarray(scene.render(i / fps), format="rgb24")):
+                c.mux(p)
+        for p in st.encode():
+            c.mux(p)
+
+
+def _job(args):
+    out, split, i, seed, level, task, cfg = args
+    rng = np.random.default_rng([seed, i, {"train": 0, "val": 1, "test": 2}[split]])
+    while True:  # resample until the sample is valid and has an answer after the question
+        T = int(rng.integers(cfg["min_dur"], cfg["max_dur"] + 1))
+        made = make_sample(rng, level, task, T, cfg["size"])
+        if made is not None and made[4]:
+            break
+    sc, task, question, q, answers = made
+    rel = f"videos/{split}-{i:05d}.mp4"
+    write_mp4(os.path.join(out, rel), sc, cfg["video_fps"])
+    return {"id": f"{split}-{i:05d}", "video": rel, "task": task, "question": question, "query_time": float(q),
+            "answers": sorted(answers, key=lambda a: a.get("time", a.get("end"))), "duration": float(T), "level": level}
+
+
+def generate(out="data/synthetic", n_train=1200, n_val=120, n_test=210, levels=(0, 1, 2), seed=0,
+             min_dur=16, max_dur=40, size=56, video_fps=2, workers=2):
+    """Write {train,val,test}.jsonl and videos/ under `out`. Levels and tasks are assigned round-robin
+    so every split is balanced; deterministic from `seed`."""
+    os.makedirs(os.path.join(out, "videos"), exist_ok=True)
+    cfg = dict(min_dur=min_dur, max_dur=max_dur, size=size, video_fps=video_fps)
+    kinds = [(lv, t) for lv in levels for t in (["OU"] if lv < 2 else list(TASK_TEXT)[2:])]
+    # level 0 and 1 are one task each; give every level the same share of samples
+    per_level = {lv: [k for k in kinds if k[0] == lv] for lv in levels}
+    jobs = []
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        for i in range(n):
+            lv = levels[i % len(levels)]
+            _, task = per_level[lv][(i // len(levels)) % len(per_level[lv])]
+            jobs.append((out, split, i, seed, lv, task, cfg))
+    with Pool(workers) as pool:
+        rows = list(pool.imap(_job, jobs, chunksize=8))
+    for split in ("train", "val", "test"):
+        with open(os.path.join(out, f"{split}.jsonl.tmp"), "w") as f:
+            for r in rows:
+                if r["id"].startswith(split + "-"):
+                    f.write(json.dumps(r) + "\n")
+        os.replace(os.path.join(out, f"{split}.jsonl.tmp"), os.path.join(out, f"{split}.jsonl"))  # jsonl last: marks completion
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Perception pairs: the single-turn data that turns a tiny random model into a tiny base VLM
+
+
+def describe(scene, s):
+    objs = sorted((o for o in scene.obj if o["visible"][s]), key=lambda o: (o["x"][s], o["y"][s]))
+    names = [f"a {o['colour'][s]} {o['shape']}" for o in objs]
+    text = " and ".join(names) if names else "nothing"
+    return text[0].upper() + text[1:] + "."
+
+
+def perception_pairs(n, seed=0, size=56, max_objects=2):
+    """n single-turn examples {"frames": uint8 (F, H, W, 3), "prompt", "answer", "slots"}: one frame
+    -> "Describe the frame." or two consecutive frames -> "What changed?"."""
+    rng = np.random.default_rng([seed, 7])
+    out = []
+    while len(out) < n:
+        sc = Scene(rng, 2, size, int(rng.integers(1, max_objects + 1)))
+        if rng.random() < 0.5:
+            out.append({"frames": sc.render(0)[None], "prompt": "Describe the frame.", "answer": describe(sc, 0),
+                        "slots": {"colours": sorted(o["colour"][0] for o in sc.obj), "shapes": sorted(o["shape"] for o in sc.obj)}})
+            continue
+        i, kind = int(rng.integers(0, len(sc.obj))), rng.choice(["colour", "colour", "move", "none"])
+        answer, slot = "Nothing changed.", "none"
+        if kind == "colour":
+            new = str(rng.choice([c for c in COLOURS if c != sc.obj[i]["colour"][0]]))
+            sc.set_colour(i, 1, new)
+            answer, slot = f"The {sc.obj[i]['shape']} turned {new}.", new
+        elif kind == "move":
+            d = str(rng.choice(list(DIRS)))
+            cx, cy = sc.cell_of(i, 0)
+            cx, cy = cx + DIRS[d][0], cy + DIRS[d][1]
+            if not sc.free(i, 0, 1, cx, cy):
+                continue
+            sc.move(i, 0, 1, *sc.cell_xy(cx, cy))
+            answer, slot = f"The {sc.obj[i]['shape']} moved {d}.", d
+        out.append({"frames": np.stack([sc.render(0), sc.render(1)]), "prompt": "What changed?", "answer": answer,
+                    "slots": {"change": slot}})
+    return out
+
+
+def corpus():
+    """Text the tiny tokenizer is trained on: every template with every value."""
+    from data import SYSTEM_PROMPT, SYSTEM_PROMPT_3, time_marker
+    lines = [SYSTEM_PROMPT, SYSTEM_PROMPT_3, "Describe the frame.", "What changed?", "Nothing changed.", "Wait",
+             "system", "user", "assistant", "You are a helpful assistant."]
+    lines += [time_marker(k) for k in range(300)] + [time_marker(k, 2.0) for k in range(100)]
+    for c in COLOURS:
+        for s in SHAPES:
+            for d in DIRS:
+                lines.append(f"The {c} {s} moved {d}. The {s} turned {c}. A {c} {s} and a {c} {s}.")
+                lines += [t.format(colour=c, shape=s, dir=d, colour2=c, shape2=s, p1="top left", p2="centre", p3="bottom right")
+                          for t in TASK_TEXT.values()]
+            lines += [f"Alert: the {c} {s} vanished. Warning: the {c} {s} will hit the {w} wall." for w in ("left", "right", "top", "bottom")]
+    lines += [f"Next, bring it to the {p}. The goal is reached. Alert: there was a bright flash." for p in PLACES]
+    lines += [f"From {a}s to {a + b}s." for a in range(60) for b in range(1, 6)]
+    return lines
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="data/synthetic")
+    p.add_argument("--n-train", type=int, default=1200)
+    p.add_argument("--n-val", type=int, default=120)
+    p.add_argument("--n-test", type=int, default=210)
+    p.add_argument("--levels", default="0,1,2", help="comma-separated difficulty levels to mix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-dur", type=int, default=16)
+    p.add_argument("--max-dur", type=int, default=40)
+    p.add_argument("--size", type=int, default=56, help="frame side in pixels")
+    p.add_argument("--workers", type=int, default=2)
+    a = p.parse_args()
+    generate(a.out, a.n_train, a.n_val, a.n_test, tuple(int(x) for x in a.levels.split(",")), a.seed,
+             a.min_dur, a.max_dur, a.size, workers=a.workers)
