@@ -9,8 +9,10 @@ written by sft.py or grpo.py, or a tiny model made here) and returns (model, pro
 decision tokens in the vocabulary and the vision encoder frozen, as both papers train.
 """
 import argparse
+import contextlib
 import json
 import os
+import shutil
 
 import torch
 from transformers import AutoModelForImageTextToText
@@ -26,8 +28,9 @@ class Processor:
     torchvision, and torchvision cannot be installed beside the CPU torch (ENVIRONMENT.md). Frames
     always enter as images (one per turn, SPEC section 1), so the video processor is never needed."""
 
-    def __init__(self, tokenizer, image_processor, chat_template):
+    def __init__(self, tokenizer, image_processor, chat_template, video_config=None):
         self.tokenizer, self.image_processor, self.chat_template = tokenizer, image_processor, chat_template
+        self.video_config = video_config  # the source's video processor config, carried into checkpoints
         self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
     @classmethod
@@ -46,7 +49,7 @@ class Processor:
                 break
         if template is None:
             raise ValueError(f"{path}: no chat template found (chat_template.jinja/.json or in the tokenizer)")
-        return cls(tok, ip, template)
+        return cls(tok, ip, template, cached_file(path, "video_preprocessor_config.json", _raise_exceptions_for_missing_entries=False))
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=tokenize,
@@ -57,6 +60,8 @@ class Processor:
         self.image_processor.save_pretrained(out)
         with open(os.path.join(out, "chat_template.jinja"), "w") as f:
             f.write(self.chat_template)
+        if self.video_config:  # AutoProcessor and vLLM read it; carried over from the model we started from
+            shutil.copy(self.video_config, os.path.join(out, "video_preprocessor_config.json"))
 
 
 def load(path, dtype=torch.float32, device="cpu", attn="sdpa", freeze_vision=True,
@@ -87,6 +92,65 @@ def add_decision_tokens(model, tok):
         ids = tok.convert_tokens_to_ids(new)
         for e in {model.get_input_embeddings(), model.get_output_embeddings()}:
             e.weight[ids] = e.weight[:n_old].mean(0)
+
+
+def unwrap(model):
+    return getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 keeps it in place
+
+
+@contextlib.contextmanager
+def full_params(model):
+    """Whole parameters for code that calls submodules directly (infer.py's streaming engine): a
+    no-op for plain and DDP models; under FSDP2 every sharded module is gathered for the duration.
+    The FSDP branch is written for GPUs and has not been run (no GPU here)."""
+    from torch.distributed.fsdp import FSDPModule
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in sharded:
+            m.reshard()
+
+
+def latest(out):
+    """The checkpoint directory to read: `out`, or `out.old` when a save was cut off mid-swap."""
+    for d in (out, out + ".old"):
+        if d and os.path.isfile(os.path.join(d, "config.json")):
+            return d
+    return None
+
+
+def save_checkpoint(out, model, processor, optimizer=None, extra=None, rank=0):
+    """Write a checkpoint atomically: model + processor in save_pretrained layout (what `load`,
+    infer.py, grpo.py and vLLM read) plus trainer_state.pt (optimizer, step, RNG, config). It is
+    written to out.tmp and swapped in, so a crash leaves either the old or the new checkpoint.
+    Call it on every rank: under FSDP gathering the full state dict is a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    if rank != 0:
+        return
+    tmp, old = out + ".tmp", out + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrap(model).save_pretrained(tmp, state_dict=msd)
+    processor.save_pretrained(tmp)
+    torch.save({**(extra or {}), "optimizer": osd}, os.path.join(tmp, "trainer_state.pt"))
+    if os.path.exists(out):
+        for name in os.listdir(out):  # what else lives there (log.jsonl, predictions) moves along
+            if not os.path.exists(os.path.join(tmp, name)):
+                os.replace(os.path.join(out, name), os.path.join(tmp, name))
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def set_optimizer_state(model, optimizer, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def vocab_mask(model, tok):
@@ -172,6 +236,7 @@ def build_tiny(family="qwen2_5_vl", out="out/tiny-qwen2_5_vl", seed=0, hidden=12
         patch = 16
     else:
         raise ValueError(f"unknown family {family!r}: qwen2_5_vl or qwen3_vl")
+    config.streampro_tiny = True  # sft.py keeps a tiny model's random projector frozen (see there)
     model = M(config)
     image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
                                                size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})

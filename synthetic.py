@@ -31,6 +31,10 @@ SHAPES = ("square", "circle", "triangle")
 DIRS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 PLACES = {"top left": (0, 0), "top right": (2, 0), "bottom left": (0, 2), "bottom right": (2, 2), "centre": (1, 1)}
 BACKGROUND = (40, 40, 40)
+# (ours) Answers of one sample are due at least 4 s apart (moves end 4 s apart): StreamPro-F1 matches
+# predictions first-come, so an answer due within an earlier one's window (3 s after it) could never be
+# credited, and a perfect model would not score 1. Distractor events keep fully random times.
+SEPARATION = 4
 TASK_TEXT = {  # the question templates, also used to train the tiny tokenizer (model.py)
     "OU0": "Tell me when the square turns red.",
     "OU1": "Tell me when the {shape} turns {colour}.",
@@ -107,28 +111,36 @@ class Scene:
         return img
 
 
-def poisson_times(rng, start, end, rate):
-    """Random whole seconds in [start, end) where something happens, each second independently."""
-    return [s for s in range(start, end) if rng.random() < rate]
+def poisson_times(rng, start, end, rate, gap=1):
+    """Random whole seconds in [start, end) where something happens, each second independently (but
+    at least `gap` seconds apart)."""
+    out = []
+    for s in range(start, end):
+        if rng.random() < rate and (not out or s - out[-1] >= gap):
+            out.append(s)
+    return out
 
 
 def name(scene, i):
     return f"{scene.obj[i]['colour'][0]} {scene.obj[i]['shape']}"
 
 
-def colour_changes(scene, i, times, rng):
-    """Object i changes to a new colour at each time; returns [(time, new colour)]."""
-    out = []
+def colour_changes(scene, i, times, rng, target=None):
+    """Object i changes to a new colour at each time; returns [(time, new colour)]. A change to
+    `target` within 3 s of the previous one becomes another colour (see SEPARATION)."""
+    out, last = [], -99
     for s in times:
-        new = rng.choice([c for c in COLOURS if c != scene.obj[i]["colour"][s]])
-        scene.set_colour(i, s, str(new))
-        out.append((s, str(new)))
+        options = [c for c in COLOURS if c != scene.obj[i]["colour"][s] and not (c == target and s - last < SEPARATION)]
+        new = str(rng.choice(options))
+        scene.set_colour(i, s, new)
+        out.append((s, new))
+        last = s if new == target else last
     return out
 
 
-def random_moves(scene, i, start, end, rng, rate=0.25, limit=99):
-    """Object i makes up to `limit` random one-cell moves (2-4 s each) at random times, all finished
-    by second `end`; returns [(s, e, dir)]."""
+def random_moves(scene, i, start, end, rng, rate=0.25, limit=99, rest=0):
+    """Object i makes up to `limit` random one-cell moves (2-4 s each) at random times, at least
+    `rest` seconds apart, all finished by second `end`; returns [(s, e, dir)]."""
     moves, s = [], start
     while s < end and len(moves) < limit:
         if rng.random() < rate and not scene.busy[i, s]:
@@ -139,7 +151,7 @@ def random_moves(scene, i, start, end, rng, rate=0.25, limit=99):
             if s + d <= end and scene.free(i, s, s + d, cx, cy):
                 scene.move(i, s, s + d, *scene.cell_xy(cx, cy))
                 moves.append((s, s + d, dname))
-                s += d
+                s += d + rest
                 continue
         s += 1
     return moves
@@ -163,7 +175,7 @@ def make_sample(rng, level, task, duration, size):
         target = "red" if level == 0 else str(rng.choice(list(COLOURS)))
         if sc.obj[0]["colour"][0] == target:
             sc.set_colour(0, 0, str(rng.choice([c for c in COLOURS if c != target])))
-        changes = colour_changes(sc, 0, poisson_times(rng, 1, T, 0.2), rng)
+        changes = colour_changes(sc, 0, poisson_times(rng, 1, T, 0.2), rng, target=target)
         for j in range(1, n):
             colour_changes(sc, j, poisson_times(rng, 1, T, 0.2), rng)
         question = TASK_TEXT["OU0"] if level == 0 else TASK_TEXT["OU1"].format(shape="square", colour=target)
@@ -176,7 +188,7 @@ def make_sample(rng, level, task, duration, size):
     nm, colour, shape = name(sc, 0), sc.obj[0]["colour"][0], sc.obj[0]["shape"]
     last = T - 1  # events must be seen by the last frame: answer times (e + 1) stay <= duration
     if task == "OU":
-        changes = colour_changes(sc, 0, poisson_times(rng, q + 1, T, 0.15), rng)
+        changes = colour_changes(sc, 0, poisson_times(rng, q + 1, T, 0.15, gap=SEPARATION), rng)
         for j in range(1, n):
             colour_changes(sc, j, poisson_times(rng, 1, T, 0.1), rng)
         question = TASK_TEXT["OU"].format(colour=colour, shape=shape)
@@ -193,7 +205,7 @@ def make_sample(rng, level, task, duration, size):
             answers = [instant(s, "Alert: there was a bright flash.", event="flash")]
         question = TASK_TEXT["AA"]
     elif task == "EU":
-        moves = random_moves(sc, 0, q + 1, last, rng, rate=0.3)
+        moves = random_moves(sc, 0, q + 1, last, rng, rate=0.3, rest=SEPARATION - 2)
         question = TASK_TEXT["EU"].format(colour=colour, shape=shape)
         answers = [interval(s, e, f"The {nm} moved {d}.", colour=colour, shape=shape, direction=d) for s, e, d in moves]
     elif task == "TP":
@@ -201,7 +213,7 @@ def make_sample(rng, level, task, duration, size):
         if not first:
             return None
         s0, e0, d0 = first[0]
-        later = random_moves(sc, 1, e0, last, rng, rate=0.3, limit=2)  # what follows it
+        later = random_moves(sc, 1, e0, last, rng, rate=0.3, limit=2, rest=SEPARATION - 2)  # what follows it
         question = TASK_TEXT["TP"].format(colour2=sc.obj[1]["colour"][0], shape2=sc.obj[1]["shape"], colour=colour, shape=shape, dir=d0)
         o1 = sc.obj[1]
         answers = [interval(s, e, f"The {name(sc, 1)} moved {d}.", colour=o1["colour"][0], shape=o1["shape"], direction=d) for s, e, d in later]
@@ -226,7 +238,7 @@ def make_sample(rng, level, task, duration, size):
             if e >= T:
                 return None
             sc.move(0, s, e, *sc.cell_xy(*PLACES[p]))
-            nxt = f"Next, bring it to the {plan[k + 1]}." if k + 1 < len(plan) else "The goal is reached."
+            nxt = f"Next, bring it to the {plan[k + 1]}." if k + 1 < len(plan) else "Done: the goal is reached."
             answers.append(instant(e, nxt, place=plan[k + 1]) if k + 1 < len(plan) else instant(e, nxt, event="done"))
             s = e + int(rng.integers(1, 4))
         question = TASK_TEXT["GP"].format(colour=colour, shape=shape, p1=plan[0], p2=plan[1], p3=plan[2])
@@ -360,7 +372,7 @@ def corpus():
                 lines += [t.format(colour=c, shape=s, dir=d, colour2=c, shape2=s, p1="top left", p2="centre", p3="bottom right")
                           for t in TASK_TEXT.values()]
             lines += [f"Alert: the {c} {s} vanished. Warning: the {c} {s} will hit the {w} wall." for w in ("left", "right", "top", "bottom")]
-    lines += [f"Next, bring it to the {p}. The goal is reached. Alert: there was a bright flash." for p in PLACES]
+    lines += [f"Next, bring it to the {p}. Done: the goal is reached. Alert: there was a bright flash." for p in PLACES]
     lines += [f"From {a}s to {a + b}s." for a in range(60) for b in range(1, 6)]
     return lines
 

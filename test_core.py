@@ -287,3 +287,1076 @@ def test_decision_tokens_are_added_as_single_tokens(tiny):
     M.add_decision_tokens(raw, tok)
     assert raw.get_input_embeddings().weight.shape[0] == len(tok) + 13 and max(tok.convert_tokens_to_ids(list(data.DECISION_TOKENS))) < len(tok)
     assert M.vocab_mask(raw, tok).sum() == 13
+
+
+# -----------------------------------------------------------------------------
+# Losses (SPEC section 2), against hand computation
+
+import math  # noqa: E402
+
+import losses  # noqa: E402
+import metric  # noqa: E402
+import sft  # noqa: E402
+
+LN2 = math.log(2)
+
+
+def toy_batch():
+    """Vocabulary of 4: id 0 = silence, 1 = response, 2-3 text. Logits are log-probabilities, so
+    p(target) is exact: silence 0.5, silence 0.25, response 0.5, text 0.5, then one ignored position."""
+    p = torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.25, 0.5, 0.125, 0.125],
+                      [0.1, 0.2, 0.5, 0.2], [0.7, 0.1, 0.1, 0.1]])
+    return p.log(), torch.tensor([0, 0, 1, 2, -100])
+
+
+def test_cb_weights_worked_values_from_spec():
+    assert torch.allclose(losses.cb_class_weights([50000, 2000]), torch.tensor([0.309, 1.691]), atol=1e-3)
+    assert torch.allclose(losses.cb_class_weights([5000, 200]), torch.tensor([0.096, 1.904]), atol=1e-3)
+    # E = (1 - 0.9999^n) / 0.0001: E(10) = 9.9955, E(5) = 4.9990 -> w = 2 * (1/E_k) / sum(1/E) = (0.66678, 1.33322)
+    assert torch.allclose(losses.cb_class_weights([10, 5]), torch.tensor([0.666778, 1.333222]), atol=1e-5)
+
+
+def test_cb_weights_absent_class_beta_edges():
+    w = losses.cb_class_weights([10, 0, 5])  # absent class: weight 0, left out of the normalisation
+    assert torch.allclose(w, torch.tensor([0.666778, 0.0, 1.333222]), atol=1e-5) and abs(w.sum() - 2) < 1e-5
+    assert torch.equal(losses.cb_class_weights([7, 0]), torch.tensor([1.0, 0.0]))
+    assert torch.equal(losses.cb_class_weights([0, 0]), torch.zeros(2))
+    assert torch.allclose(losses.cb_class_weights([30, 10], beta=0.0), torch.ones(2))  # beta 0: no re-weighting
+    assert torch.allclose(losses.cb_class_weights([30, 10], beta=1.0), torch.tensor([0.5, 1.5]))  # inverse frequency
+
+
+def test_cb_stream_loss_by_hand():
+    logits, labels = toy_batch()
+    # counts (2, 1): E = (1.9999, 1) -> w = (0.666689, 1.333311); text weight lambda = 2
+    # L = [0.666689 ln2 + 0.666689 ln4 + 1.333311 ln2 + 2 ln2] / 4 = 0.924204
+    assert abs(losses.cb_stream_loss(logits, labels, [0, 1]).item() - 0.924204) < 1e-5
+    # lambda_text 1 and beta 0 (all weights 1): plain CE
+    assert abs(losses.cb_stream_loss(logits, labels, [0, 1], beta=0.0, lambda_text=1.0).item() - 5 * LN2 / 4) < 1e-6
+    # a batch without any response: the silence class alone gets weight 1
+    assert abs(losses.cb_stream_loss(logits[:2], labels[:2], [0, 1]).item() - (LN2 + 2 * LN2) / 2) < 1e-6
+
+
+def test_focal_and_ce_by_hand():
+    logits, labels = toy_batch()
+    # alpha = (1/2) * 3 / n_k = (0.75, 1.5); w = alpha (1-p)^2: 0.75*0.25, 0.75*0.5625, 1.5*0.25; text 1
+    # L = [0.1875 ln2 + 0.421875 ln4 + 0.375 ln2 + ln2] / 4 = 0.416971
+    assert abs(losses.focal_loss(logits, labels, [0, 1]).item() - 0.416971) < 1e-5
+    assert abs(losses.ce_loss(logits, labels).item() - 5 * LN2 / 4) < 1e-6  # 0.866434
+    assert torch.allclose(losses.focal_alpha([2, 0, 1]), torch.tensor([0.75, 0.0, 1.5]))
+
+
+def test_losses_accept_batch_shape_and_split_counts_equal_whole():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 9)
+    labels = torch.tensor([[0, 0, 5, -100, 1, 7], [0, 2, 0, 0, 1, -100]])
+    ids = [0, 2, 1]
+    for fn in (lambda lg, lb, **k: losses.cb_stream_loss(lg, lb, ids, **k), lambda lg, lb, **k: losses.focal_loss(lg, lb, ids, **k)):
+        whole = fn(logits, labels)
+        assert torch.allclose(whole, fn(logits.reshape(12, 9), labels.reshape(12)))
+        counts, n = losses.class_counts(labels, ids), int((labels != -100).sum())
+        halves = fn(logits[:1], labels[:1], counts=counts, num_items=n) + fn(logits[1:], labels[1:], counts=counts, num_items=n)
+        assert torch.allclose(whole, halves, atol=1e-6)
+        assert not torch.allclose(whole, (fn(logits[:1], labels[:1]) + fn(logits[1:], labels[1:])) / 2)  # local counts differ
+
+
+def test_lr_schedule_and_batch_order_and_auc():
+    assert sft.lr_at(0, 100, 1.0, 10, 0.1) == 0.1 and sft.lr_at(9, 100, 1.0, 10, 0.1) == 1.0
+    assert abs(sft.lr_at(100, 100, 1.0, 10, 0.1) - 0.1) < 1e-12 and abs(sft.lr_at(55, 100, 1.0, 10, 0.1) - 0.55) < 1e-12
+    seen = [i for s in range(5) for i in sft.batch_indices(s, 2, 10, seed=3)]
+    assert sorted(seen) == list(range(10)) and seen != list(range(10))  # one epoch: a permutation
+    assert sft.batch_indices(7, 4, 10, 3) == sft.batch_indices(7, 4, 10, 3)
+    assert metric.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75  # pairs: (.35>.1) (.35<.4) (.8>.1) (.8>.4)
+    assert metric.roc_auc([1, 2], [0, 1]) == 1.0 and metric.roc_auc([2, 1], [0, 1]) == 0.0
+    assert metric.roc_auc([0.5, 0.5, 0.5], [0, 1, 1]) == 0.5 and math.isnan(metric.roc_auc([0.3], [1]))
+
+
+# -----------------------------------------------------------------------------
+# StreamPro-F1 (metric.py), GRPO rewards (rewards.py), bench.py scoring: hand-worked numbers
+
+import http.server  # noqa: E402
+import threading  # noqa: E402
+
+import bench  # noqa: E402
+import metric  # noqa: E402
+import rewards  # noqa: E402
+from data import load_annotations  # noqa: E402
+from metric import TIMING, HTTPJudge, JudgeError, OfflineJudge, aggregate, iou, parse_interval, score_sample  # noqa: E402
+
+ONE = lambda q, p, a: 1.0  # a judge that accepts everything: S = S_time  # noqa: E731
+SAME = lambda q, p, a: 1.0 if p == a["text"] else 0.0  # noqa: E731
+
+
+def msample(task, answers, question="Q?", query_time=0.0, **kw):
+    return {"id": "s", "task": task, "question": question, "query_time": query_time, "answers": answers, **kw}
+
+
+def at(*times, text="x"):
+    return [{"time": t, "text": text} for t in times]
+
+
+# -----------------------------------------------------------------------------
+# metric.py: windows, tau and t_opt per task; one prediction, one GT, judge = 1, so P = R = F1 = S_time
+
+WINDOW_CASES = [
+    # OU: t_opt 10, window [7, 13], tau 4
+    ("OU", {"time": 10}, 10, 1.0), ("OU", {"time": 10}, 11, 0.75), ("OU", {"time": 10}, 7, 0.25),
+    ("OU", {"time": 10}, 6.99, 0.0), ("OU", {"time": 10}, 13, 0.25), ("OU", {"time": 10}, 13.01, 0.0),
+    # AA: window [10, 15], tau 6
+    ("AA", {"time": 10}, 10, 1.0), ("AA", {"time": 10}, 9.99, 0.0), ("AA", {"time": 10}, 13, 0.5),
+    ("AA", {"time": 10}, 15, 1 / 6), ("AA", {"time": 10}, 15.01, 0.0),
+    # GP: window [7, 10], tau 4: nothing after t_opt
+    ("GP", {"time": 10}, 7, 0.25), ("GP", {"time": 10}, 6.99, 0.0), ("GP", {"time": 10}, 9, 0.75),
+    ("GP", {"time": 10}, 10, 1.0), ("GP", {"time": 10}, 10.01, 0.0),
+    # RF: window [9, 13], tau 2 early, 4 late
+    ("RF", {"time": 10}, 9, 0.5), ("RF", {"time": 10}, 8.99, 0.0), ("RF", {"time": 10}, 9.5, 0.75),
+    ("RF", {"time": 10}, 10, 1.0), ("RF", {"time": 10}, 12, 0.5), ("RF", {"time": 10}, 13, 0.25),
+    ("RF", {"time": 10}, 13.01, 0.0),
+    # EU / TP: t_opt [5, 10] (dt 0 inside), window [5, 13], tau 4 after the end
+    ("EU", {"start": 5, "end": 10}, 4.99, 0.0), ("EU", {"start": 5, "end": 10}, 5, 1.0),
+    ("EU", {"start": 5, "end": 10}, 7.5, 1.0), ("EU", {"start": 5, "end": 10}, 10, 1.0),
+    ("EU", {"start": 5, "end": 10}, 12, 0.5), ("EU", {"start": 5, "end": 10}, 13, 0.25),
+    ("EU", {"start": 5, "end": 10}, 13.01, 0.0),
+    ("TP", {"start": 5, "end": 10}, 5, 1.0), ("TP", {"start": 5, "end": 10}, 13, 0.25),
+    ("TP", {"start": 5, "end": 10}, 4.99, 0.0), ("TP", {"start": 5, "end": 10}, 13.01, 0.0),
+    # an instant answer in an interval task is [t, t]: window [10, 13]
+    ("EU", {"time": 10}, 9.99, 0.0), ("EU", {"time": 10}, 10, 1.0), ("EU", {"time": 10}, 11, 0.75),
+    ("EU", {"time": 10}, 13, 0.25), ("EU", {"time": 10}, 13.01, 0.0),
+    # a timestamp task answers an interval at its end: OU [2, 10] -> t_opt 10, window [7, 13]
+    ("OU", {"start": 2, "end": 10}, 5, 0.0), ("OU", {"start": 2, "end": 10}, 7, 0.25),
+    ("OU", {"start": 2, "end": 10}, 10, 1.0),
+    # unknown task: timestamp, [t - 3, t + 3], tau 4
+    ("narration", {"time": 10}, 7, 0.25), ("narration", {"time": 10}, 6.99, 0.0),
+    ("narration", {"time": 10}, 13, 0.25), ("narration", {"time": 10}, 13.01, 0.0),
+    # float rounding does not push an edge prediction out of the window
+    ("OU", {"time": 0.1 + 0.2}, 3.3, 0.25),
+]
+
+
+@pytest.mark.parametrize("task,answer,t,expected", WINDOW_CASES)
+def test_window_edges_and_time_score(task, answer, t, expected):
+    row = score_sample(msample(task, [{**answer, "text": "x"}]), at(t), ONE)
+    assert row["precision"] == pytest.approx(expected)
+    assert row["recall"] == pytest.approx(expected)
+    assert row["f1"] == pytest.approx(expected)
+    assert (row["matches"][0]["match"] is None) == (expected == 0.0)
+
+
+def test_tg_window_uses_iou():
+    s = msample("TG", [{"start": 4, "end": 10, "text": "x"}])  # window [7, 13] around the end
+    for t, st in [(7, 0.25), (6.99, 0.0), (13, 0.25), (13.01, 0.0), (10, 1.0)]:
+        assert score_sample(s, [{"time": t, "text": "from 4s to 10s"}], None)["f1"] == pytest.approx(st)
+
+
+def test_time_score_outside_interval_is_distance_to_nearest_boundary():
+    eu = TIMING["EU"]
+    assert metric.time_score(eu, (5, 10), 3) == 0.5  # 2 s before the start
+    assert metric.time_score(eu, (5, 10), 11) == 0.75  # 1 s after the end
+    assert metric.time_score(TIMING["RF"], (10, 10), 9) == 0.5  # early: tau 2
+    assert metric.time_score(TIMING["RF"], (10, 10), 11) == 0.75  # late: tau 4
+
+
+def test_several_predictions_on_one_gt_keep_the_best():
+    s = msample("OU", [{"time": 10, "text": "good"}])
+    row = score_sample(s, at(8, 10, 12), ONE)  # S = 0.5, 1, 0.5 -> best 1; N_pred 3
+    assert row["precision"] == pytest.approx(1 / 3) and row["recall"] == 1.0
+    assert row["f1"] == pytest.approx(0.5)
+    judge = lambda q, p, a: 1.0 if p == "good" else 0.2
+    row = score_sample(s, [{"time": 10, "text": "bad"}, {"time": 11, "text": "good"}], judge)
+    # S = 1 * 0.2 vs 0.75 * 1: the later one wins; P = 0.75 / 2, R = 0.75
+    assert row["matches"][0] == {"optimal": [10, 10], "window": [7, 13], "match": 1, "s": 0.75, "s_time": 0.75, "s_acc": 1.0}
+    assert row["precision"] == pytest.approx(0.375) and row["recall"] == pytest.approx(0.75)
+    assert row["f1"] == pytest.approx(0.5) and row["time"] == 0.75 and row["acc"] == 1.0
+
+
+def test_ties_keep_input_order_and_first_best():
+    s = msample("OU", [{"time": 10, "text": "x"}])
+    row = score_sample(s, [{"time": 10, "text": "a"}, {"time": 10, "text": "b"}], ONE)
+    assert row["matches"][0]["match"] == 0 and [p["index"] for p in row["preds"]] == [0, 1]
+    row = score_sample(s, [{"time": 12, "text": "late"}, {"time": 9, "text": "early"}], ONE)
+    assert [p["time"] for p in row["preds"]] == [9, 12]  # time order, original indices kept
+    assert row["matches"][0]["match"] == 1 and row["matches"][0]["s"] == 0.75
+
+
+def test_prediction_in_two_windows_goes_to_first_gt_in_annotation_order():
+    calls = []
+    judge = lambda q, p, a: calls.append(a["text"]) or 1.0
+    s = msample("OU", [{"time": 12, "text": "g0"}, {"time": 10, "text": "g1"}])
+    row = score_sample(s, at(11), judge)
+    assert calls == ["g0"]  # the judge is asked about the first window only
+    assert row["matches"][0]["match"] == 0 and row["matches"][1]["match"] is None
+    assert row["precision"] == 0.75 and row["recall"] == 0.375 and row["f1"] == pytest.approx(0.5)
+    assert row["time"] == 0.375 and row["acc"] == 0.5  # the unmatched GT contributes 0 to both
+
+
+def test_unmatched_predictions_count_and_judge_not_asked_outside_windows():
+    calls = []
+    row = score_sample(msample("OU", [{"time": 10, "text": "x"}]), at(10, 30),
+                       lambda q, p, a: calls.append(p) or 1.0)
+    assert len(calls) == 1 and row["n_pred"] == 2 and row["n_gt"] == 1
+    assert row["precision"] == 0.5 and row["recall"] == 1.0 and row["f1"] == pytest.approx(2 / 3)
+    assert row["preds"][1]["gt"] is None
+
+
+def test_empty_sides():
+    row = score_sample(msample("OU", [{"time": 10, "text": "x"}]), [], ONE)  # N_pred = 0
+    assert (row["precision"], row["recall"], row["f1"], row["time"], row["acc"]) == (0, 0, 0, 0, 0)
+    row = score_sample(msample("OU", []), at(5), ONE)  # N_gt = 0
+    assert (row["precision"], row["recall"], row["f1"], row["n_pred"]) == (0, 0, 0, 1)
+    row = score_sample(msample("OU", [{"time": 10, "text": "x"}]), at(10), lambda q, p, a: 0.0)  # P + R = 0
+    assert row["f1"] == 0 and row["time"] == 1.0 and row["acc"] == 0.0
+
+
+TG_FORMS = ["from 12s to 18s", "12.0-18.0 seconds", "00:12 to 00:18", "between 12 and 18", "12 s – 18 s",
+            "start 12 end 18", "The event starts at 12s and ends at 18s.", "[12, 18]", "18 to 12"]
+
+
+@pytest.mark.parametrize("text", TG_FORMS)
+def test_tg_parsing_forms(text):
+    assert parse_interval(text) == (12.0, 18.0)
+    s = msample("TG", [{"start": 10, "end": 20, "text": "x"}])  # IoU of [12, 18] with [10, 20] = 6 / 10
+    assert score_sample(s, [{"time": 20, "text": text}], None)["f1"] == pytest.approx(0.6)
+
+
+def test_tg_parsing_more():
+    assert parse_interval("0:01:05 to 0:01:10") == (65.0, 70.0)
+    assert parse_interval("2 people walk from 12 to 18") == (12.0, 18.0)
+    for bad in ["no numbers here", "at 12s", "1218"]:
+        assert parse_interval(bad) is None
+    s = msample("TG", [{"start": 10, "end": 20, "text": "x"}])
+    row = score_sample(s, [{"time": 20, "text": "somewhere in the middle"}], None)
+    assert row["f1"] == 0 and row["time"] == 1.0 and row["acc"] == 0.0
+    assert score_sample(s, [{"time": 20, "text": "from 5s to 15s"}], None)["f1"] == pytest.approx(1 / 3)
+
+
+def test_iou_edge_cases():
+    assert iou((3, 3), (3, 3)) == 1.0
+    assert iou((3, 3), (2, 4)) == 0.0 and iou((5, 5), (6, 6)) == 0.0
+    assert iou((2, 4), (3, 5)) == pytest.approx(1 / 3) and iou((0, 1), (2, 3)) == 0.0
+
+
+def test_response_turns():
+    row = score_sample(msample("OU", [], query_time=2.3, duration=10.5), at(4, 5, 6), ONE)
+    assert row["turns"] == 9  # turns 2..10: ceil(10.5) - floor(2.3)
+    assert aggregate([row])["response_rate"] == pytest.approx(3 / 9)
+    assert "turns" not in score_sample(msample("OU", []), [], ONE)
+
+
+# -----------------------------------------------------------------------------
+# metric.py: aggregate
+
+
+def row(task, f1, **kw):
+    return {"task": task, "f1": f1, "precision": kw.get("p", f1), "recall": kw.get("r", f1), "time": kw.get("t", 0.0),
+            "acc": kw.get("a", 0.0), "n_pred": 1}
+
+
+def test_aggregate_paper_check_and_weighting():
+    rows = [row("EU", 0.40), row("AA", 0.50), row("TP", 0.444), row("RF", 0.076), row("GP", 0.076), row("GP", 0.076)]
+    out = aggregate(rows)
+    assert {d: round(100 * m["f1"], 1) for d, m in out["dims"].items()} == {"PU": 45.0, "TR": 44.4, "PA": 7.6}
+    assert round(100 * out["avg"], 1) == 32.3  # (45.0 + 44.4 + 7.6) / 3
+    assert out["w_avg"] == pytest.approx((0.9 + 0.444 + 0.228) / 6)
+    assert out["tasks"]["GP"]["n"] == 2 and list(out["tasks"]) == ["EU", "AA", "TP", "GP", "RF"]
+
+
+def test_aggregate_mixed_set():
+    rows = [row("EU", 1.0, t=1.0, a=0.5), row("EU", 0.0), row("OU", 0.5), row("TP", 0.8), row("GP", 0.2),
+            row("narration", 0.9)]
+    out = aggregate(rows)
+    assert out["tasks"]["EU"] == {"n": 2, "time": 0.5, "acc": 0.25, "precision": 0.5, "recall": 0.5, "f1": 0.5}
+    assert out["dims"]["PU"]["f1"] == pytest.approx(0.5) and out["dims"]["PU"]["n"] == 3  # by sample, not by task
+    assert out["avg"] == pytest.approx((0.5 + 0.8 + 0.2) / 3)
+    assert out["w_avg"] == pytest.approx(3.4 / 6)  # the unknown task counts here, in no dimension
+    assert "narration" in out["tasks"] and list(out["tasks"])[-1] == "narration"
+    out = aggregate([row("EU", 0.6), row("TP", 0.2)])  # PA missing: left out of Avg
+    assert set(out["dims"]) == {"PU", "TR"} and out["avg"] == pytest.approx(0.4)
+    assert aggregate([row("REC", 0.5)])["avg"] is None and aggregate([])["w_avg"] == 0.0
+
+
+# -----------------------------------------------------------------------------
+# metric.py: offline judge
+
+VOCAB_SAMPLES = [msample("OU", [{"time": 1, "text": "", "slots": s} for s in (
+    {"colour": "red", "pos": "top-left"}, {"colour": "dark red", "pos": "bottom right"}, {"colour": "blue"},
+    {"count": 12}, {"count": 2})])]
+
+
+def test_offline_judge_slots():
+    j = OfflineJudge.from_samples(VOCAB_SAMPLES)
+    red = {"text": "The square turned red.", "slots": {"colour": "red"}}
+    assert j(None, "The square turned RED!", red) == 1.0
+    assert j(None, "it turned red, then blue", red) == 0.0  # a conflicting value of the same key
+    assert j(None, "it is dark red now", red) == 0.0  # "red" only inside another known value
+    assert j(None, "it is dark red now", {"text": "", "slots": {"colour": "dark red"}}) == 1.0
+    assert j(None, "reddish", red) == 0.0  # whole words only
+    assert j(None, "at the Top Left corner", {"text": "", "slots": {"pos": "top-left"}}) == 1.0
+    assert j(None, "it happened 12.0 times", {"text": "", "slots": {"count": 12}}) == 1.0
+    assert j(None, "112 times", {"text": "", "slots": {"count": 12}}) == 0.0
+    assert j(None, "2 or 12", {"text": "", "slots": {"count": 12}}) == 0.0
+    two = {"text": "", "slots": {"colour": "red", "pos": "top-left"}}
+    assert j(None, "red, at the bottom right", two) == 0.5  # mean over slots
+    assert j.reports("red, top left", two) and not j.reports("red", two)
+    done = {"text": "The goal is reached.", "slots": {"event": "done"}}  # a text that omits its slot value
+    assert j(None, "the goal is reached", done) == 1.0 and j(None, "Goal reached!", done) == 0.0
+
+
+def test_offline_judge_free_text():
+    j = OfflineJudge()
+    # content words {dog, runs, fast} vs {dog, runs}: F1 = 2 * 2 / (3 + 2)
+    assert j(None, "The dog runs fast", {"text": "A dog runs."}) == pytest.approx(0.8)
+    assert j(None, "the", {"text": "a"}) == 1.0 and j(None, "", {"text": "dog"}) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# metric.py: HTTP judge against a local stub server
+
+
+class Stub:
+    """An OpenAI-compatible stub on 127.0.0.1: respond(request_json) -> (status, body text)."""
+
+    def __init__(self, respond):
+        self.requests, stub = [], self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                status, text = respond(body)
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(text.encode())
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def chat(content):
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
+
+
+def scripted(*replies):
+    """Replies in order; the last one repeats."""
+    queue = list(replies)
+    return lambda body: queue.pop(0) if len(queue) > 1 else queue[0]
+
+
+KEY = "sk-test-SECRET-123"
+
+
+def test_http_judge_retry_cache_and_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    stub = Stub(scripted((500, "boom"), (200, chat('```json\n{"explanation": "ok", "score": "4"}\n```'))))
+    try:
+        cache = tmp_path / "cache.jsonl"
+        judge = HTTPJudge(stub.url, "m", api_key_env="TEST_JUDGE_KEY", cache_path=str(cache), backoff=0.01)
+        assert judge("Q?", "pred", {"text": "ref"}) == 0.8
+        assert len(stub.requests) == 2 and stub.requests[1]["path"] == "/v1/chat/completions"
+        assert stub.requests[1]["auth"] == "Bearer " + KEY and stub.requests[1]["body"]["model"] == "m"
+        prompt = stub.requests[1]["body"]["messages"][0]["content"]
+        assert "Q?" in prompt and "pred" in prompt and "ref" in prompt
+        assert judge("Q?", "pred", {"text": "ref"}) == 0.8 and len(stub.requests) == 2  # cache hit
+        again = HTTPJudge(stub.url, "m", api_key_env="TEST_JUDGE_KEY", cache_path=str(cache))
+        assert again("Q?", "pred", {"text": "ref"}) == 0.8 and len(stub.requests) == 2  # from the file
+        assert again("Q?", "other", {"text": "ref"}) == 0.8 and len(stub.requests) == 3
+        assert HTTPJudge(stub.url, "m2", cache_path=str(cache))("Q?", "pred", {"text": "ref"}) == 0.8
+        assert len(stub.requests) == 4  # the model is part of the key
+        assert len(cache.read_text().splitlines()) == 3 and KEY not in cache.read_text()
+    finally:
+        stub.close()
+    out = capsys.readouterr()
+    assert KEY not in out.out + out.err
+
+
+def test_http_judge_cache_survives_a_cut_line(tmp_path):
+    stub = Stub(scripted((200, chat('{"explanation": "x", "score": 2}'))))
+    try:
+        cache = tmp_path / "cache.jsonl"
+        cache.write_text('{"key": "abc", "kind": "judge", "val')  # an interrupted write, no newline
+        assert HTTPJudge(stub.url, "m", cache_path=str(cache))("Q?", "p", {"text": "r"}) == 0.4
+        assert HTTPJudge(stub.url, "m", cache_path=str(cache))("Q?", "p", {"text": "r"}) == 0.4
+        assert len(stub.requests) == 1 and len(cache.read_text().splitlines()) == 2
+    finally:
+        stub.close()
+
+
+def test_http_judge_malformed_reply_then_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    stub = Stub(scripted((200, chat("It looks fine to me."))))
+    try:
+        judge = HTTPJudge(stub.url, "m", api_key_env="TEST_JUDGE_KEY", retries=2, backoff=0.01)
+        with pytest.raises(JudgeError) as e:
+            judge("Q?", "pred", {"text": "ref"})
+        assert len(stub.requests) == 3 and stub.url + "/chat/completions" in str(e.value)
+        assert "no usable reply" in str(e.value) and KEY not in str(e.value)
+    finally:
+        stub.close()
+    assert KEY not in "".join(capsys.readouterr())
+
+
+def test_http_judge_client_error_fails_at_once_without_the_key(monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    stub = Stub(lambda body: (401, "bad key: " + KEY))  # a server that echoes the key back
+    try:
+        with pytest.raises(JudgeError) as e:
+            HTTPJudge(stub.url, "m", api_key_env="TEST_JUDGE_KEY", backoff=0.01)("Q?", "p", {"text": "r"})
+        assert len(stub.requests) == 1 and "HTTP 401" in str(e.value) and KEY not in str(e.value)
+    finally:
+        stub.close()
+
+
+def test_http_judge_429_retried_and_prefetch(tmp_path):
+    stub = Stub(scripted((429, "slow down"), (200, chat('{"explanation": "x", "score": 5}'))))
+    try:
+        judge = HTTPJudge(stub.url + "/chat/completions", "m", api_key_env="NO_SUCH_ENV_VAR", backoff=0.01,
+                          concurrency=4)
+        items = [("Q?", f"p{k}", {"text": "r"}) for k in range(5)] + [("Q?", "p0", {"text": "r"}), ("Q?", " ", {"text": "r"})]
+        assert judge.prefetch(items) == 5  # duplicates and empty replies are not sent
+        assert len(stub.requests) == 6 and stub.requests[0]["auth"] is None  # one 429, then 5
+        assert [judge("Q?", f"p{k}", {"text": "r"}) for k in range(5)] == [1.0] * 5 and len(stub.requests) == 6
+        assert judge("Q?", "", {"text": "r"}) == 0.0 and len(stub.requests) == 6
+    finally:
+        stub.close()
+
+
+def test_parse_score_and_urls():
+    assert metric.parse_score('Sure!\n```json\n{"explanation": "a", "score": 3}\n```') == 3
+    assert metric.parse_score('{"explanation": "a", "score": "5"}') == 5
+    assert metric.parse_score("The score: 4 because ...") == 4
+    assert metric.parse_score('{"score": 7}') == 5 and metric.parse_score('{"score": -2}') == 0
+    with pytest.raises(metric.ReplyError):
+        metric.parse_score('{"explanation": "no number"}')
+    assert metric.chat_url("http://h:8000/v1/") == "http://h:8000/v1/chat/completions"
+    assert metric.chat_url("http://h:8000") == "http://h:8000/v1/chat/completions"
+    assert metric.chat_url("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
+
+
+# -----------------------------------------------------------------------------
+# rewards.py
+
+
+def test_format_reward():
+    f = rewards.format_reward
+    assert f(["</Silence>"]) == 1 and f(["  </Silence>\n"]) == 1 and f(["</Silence><|im_end|>"]) == 1
+    assert f(["</Response> The square turned red."]) == 1 and f(["</Response> red <|im_end|>"]) == 1
+    assert f(["</Response>"]) == 0 and f(["</Response>   <|im_end|>"]) == 0
+    assert f(["garbage"]) == 0 and f(["</Silence> extra"]) == 0 and f(["</Response> x </Silence>"]) == 0
+    assert f(["</Standby>"]) == 0 and f(["</Standby>"], states=3) == 1
+    mixed = ["</Silence>", "</Response> hi", "bad", "</Standby>"]
+    assert f(mixed) == 0.5 and f(mixed, states=3) == 0.75 and f([]) == 0.0
+
+
+def test_turn_f1_one_sided_pa_window():
+    g = [{"time": 10, "text": "x"}]
+    after, before = at(14), at(6)
+    assert rewards.turn_f1_reward(msample("OU", g), after, ONE) == pytest.approx(1.5)  # 2 * (0.5 + 1) / 2
+    for task in ("GP", "RF"):
+        assert rewards.turn_f1_reward(msample(task, g), after, ONE) == 0.0  # after t_g: never matched
+        assert rewards.turn_f1_reward(msample(task, g), before, ONE) == pytest.approx(1.5)
+    assert rewards.turn_f1_reward(msample("OU", g), at(18), ONE) == pytest.approx(1.0)  # edge t_g + tau: S' = 0 + 1
+    assert rewards.turn_f1_reward(msample("OU", g), at(18.01), ONE) == 0.0
+
+
+def test_turn_f1_matching():
+    good = [{"time": 10, "text": "good"}]
+    preds = [{"time": 9, "text": "bad"}, {"time": 12, "text": "good"}]
+    # the better later prediction wins: S' = 0.75 + 1 against 0.875 + 0
+    assert rewards.turn_f1_reward(msample("OU", good), preds, SAME) == pytest.approx(2 * 1.75 / 3)
+    two = [{"time": 10, "text": "x"}, {"time": 12, "text": "x"}]
+    assert rewards.turn_f1_reward(msample("OU", two), at(11), ONE) == pytest.approx(2 * 1.875 / 3)  # shared: one GT only
+    assert rewards.turn_f1_reward(msample("OU", two), at(10, 12), ONE) == pytest.approx(2.0)  # the maximum
+    # a tie keeps the earlier candidate: GT0 takes 9 (not 11), GT1 then gets 11: 1.875 + 1.75
+    assert rewards.turn_f1_reward(msample("OU", [{"time": 10, "text": "x"}, {"time": 13, "text": "x"}]),
+                                  at(9, 11), ONE) == pytest.approx(2 * 3.625 / 4)
+    # S' = 0 is never matched, so the prediction stays free for the next GT
+    gts = [{"time": 10, "text": "a"}, {"time": 20, "text": "b"}]
+    assert rewards.turn_f1_reward(msample("OU", gts), [{"time": 18, "text": "b"}], SAME) == pytest.approx(2 * 1.75 / 3)
+    interval = [{"start": 2, "end": 10, "text": "x"}]  # t_g = end
+    assert rewards.turn_f1_reward(msample("EU", interval), at(10), ONE) == 2.0
+    assert rewards.turn_f1_reward(msample("EU", interval), at(2), ONE) == 1.0
+    tg = msample("TG", [{"start": 10, "end": 20, "text": "x"}])
+    assert rewards.turn_f1_reward(tg, [{"time": 20, "text": "from 12s to 18s"}], None) == pytest.approx(1.6)
+    assert rewards.turn_f1_reward(msample("OU", []), [], ONE) == 0.0
+    assert rewards.turn_f1_reward(msample("OU", []), at(3), ONE) == 0.0
+    assert rewards.turn_f1_reward(msample("OU", good), [], ONE) == 0.0
+
+
+def test_rubric_and_total_reward():
+    marks = lambda s, r, item: item["mark"]
+    s = msample("OU", [{"time": 10, "text": "good"}], rubric=[{"mark": 1}, {"mark": 0}, {"mark": 1}])
+    assert rewards.rubric_reward(s, [], marks) == pytest.approx(2 / 3)
+    assert rewards.rubric_reward(msample("OU", []), [], marks) == 0.0
+    steps, resp = ["</Silence>", "</Response> good"], [{"time": 10, "text": "good"}]
+    out = rewards.total_reward(s, steps, resp, SAME, marks)  # 0.1 * 1 + 0.45 * 2 + 0.45 * 2/3
+    assert out == pytest.approx({"total": 1.3, "format": 1.0, "turn": 2.0, "traj": 2 / 3})
+    no_rubric = {k: v for k, v in s.items() if k != "rubric"}
+    assert rewards.total_reward(no_rubric, steps, resp, SAME, marks) == pytest.approx(
+        {"total": 1.0, "format": 1.0, "turn": 2.0, "traj": None})
+    boom = lambda *a: 1 / 0  # w_traj = 0: the evaluator is never asked
+    out = rewards.total_reward(s, ["bad", "</Silence>"], resp, SAME, boom, w_fmt=0.2, w_turn=0.8, w_traj=0)
+    assert out["total"] == pytest.approx(0.2 * 0.5 + 0.8 * 2.0)
+
+
+COLOURS = ("red", "blue", "green", "yellow")
+
+
+def colour_sample(n, query_time=2.0):
+    answers = [{"time": 10.0 * (i + 1), "text": f"The square turned {c}.", "slots": {"colour": c}}
+               for i, c in zip(range(n), COLOURS * 3)]
+    return msample("OU", answers, "Tell me when the square changes colour.", query_time, duration=10.0 * n + 10)
+
+
+def test_offline_rubric_counts():
+    for n, count in [(0, 6), (1, 6), (2, 7), (3, 8), (5, 10), (6, 10), (9, 10)]:
+        items = rewards.offline_rubric(colour_sample(n))
+        assert len(items) == count, n
+        assert all(set(it) == {"rubric_id", "dimension", "rubric", "check"} for it in items)
+        assert len({it["rubric_id"] for it in items}) == count
+        if n:
+            assert {it["dimension"] for it in items} == {"granularity", "coherence", "coverage"}
+    items = rewards.offline_rubric(colour_sample(3))
+    assert "The square turned blue" in items[1]["rubric"] and items[1]["check"] == {"type": "covers", "answer": 1}
+
+
+def test_offline_evaluator_marks():
+    s = colour_sample(3)  # red at 10, blue at 20, green at 30; items: 3 covers, hallucination, max 4, dup, order, merge
+    judge = OfflineJudge.from_samples([s, msample("OU", [{"time": 1, "text": "", "slots": {"colour": "yellow"}}])])
+    ev, items = rewards.OfflineEvaluator(judge), rewards.offline_rubric(s)
+    marks = lambda rs: [ev(s, rs, it) for it in items]
+    say = lambda *tc: [{"time": t, "text": f"The square is {c} now"} for t, c in tc]
+    assert marks(say((10, "red"), (20, "blue"), (30, "green"))) == [1] * 8
+    assert marks(say((10, "red"), (20, "blue"), (25, "yellow"), (30, "green"))) == [1, 1, 1, 0, 1, 1, 1, 1]
+    assert marks(say((10, "red"), (15, "red"), (20, "blue"), (30, "green"))) == [1, 1, 1, 1, 1, 0, 1, 1]
+    assert marks(say((10, "blue"), (20, "red"), (30, "green"))) == [1, 1, 1, 1, 1, 1, 0, 1]
+    assert marks(say((10, "red"), (30, "green"))) == [1, 0, 1, 1, 1, 1, 1, 1]
+    assert marks(say((1, "red"), (20, "blue"), (30, "green"))) == [0, 1, 1, 1, 1, 1, 1, 1]  # before the question
+    assert marks(say((5, "red"), (10, "red"), (20, "blue"), (25, "blue"), (30, "green"))) == [1, 1, 1, 1, 0, 0, 1, 1]
+    merged = [{"time": 20, "text": "red and then blue"}, {"time": 30, "text": "green"}]
+    assert marks(merged) == [0, 0, 1, 0, 1, 1, 1, 0]  # a conflicting slot: reports neither, and merges two events
+    one = colour_sample(1)  # 1 covers, hallucination, max 2, dup, after-question, timely
+    items1 = rewards.offline_rubric(one)
+    assert [ev(one, say((12, "red")), it) for it in items1] == [1] * 6
+    assert [ev(one, say((1, "red"), (19, "red")), it) for it in items1] == [1, 1, 1, 0, 0, 0]
+    silent = colour_sample(0)
+    assert [ev(silent, [], it) for it in rewards.offline_rubric(silent)] == [1] * 6
+    assert [ev(silent, say((3, "red")), it) for it in rewards.offline_rubric(silent)] == [0, 0, 1, 1, 0, 1]
+
+
+def test_llm_evaluator_and_parsers():
+    stub = Stub(scripted((200, chat('{"explanation": "fine", "mark": 1}'))))
+    try:
+        ev = rewards.LLMEvaluator(stub.url, "m", backoff=0.01)
+        s = colour_sample(2)
+        assert ev(s, [{"time": 10, "text": "red"}], {"rubric": "The assistant reports red."}) == 1
+        prompt = stub.requests[0]["body"]["messages"][0]["content"]
+        assert "[10s] red" in prompt and "The assistant reports red." in prompt and "The square turned blue." in prompt
+    finally:
+        stub.close()
+    assert rewards.parse_mark('```{"mark": "0"}```') == 0 and rewards.parse_mark('{"mark": true}') == 1
+    with pytest.raises(metric.ReplyError):
+        rewards.parse_mark('{"mark": 3}')
+    good = json.dumps([{"rubric_id": f"r{k}", "dimension": "coverage", "rubric": "x"} for k in range(6)])
+    assert len(rewards.parse_rubric("Here:\n" + good)) == 6
+    with pytest.raises(metric.ReplyError):
+        rewards.parse_rubric(json.dumps(json.loads(good)[:5]))
+
+
+def write_ann(path, samples):
+    path.write_text("".join(json.dumps({"video": "v.mp4", **s}) + "\n" for s in samples))
+    return str(path)
+
+
+def test_make_rubrics_resumable(tmp_path):
+    ann = write_ann(tmp_path / "train.jsonl", [{**colour_sample(2), "id": f"id{k}"} for k in range(3)])
+    fail = {"on": True}
+    items = json.dumps([{"rubric_id": f"r{k}", "dimension": d, "rubric": "The assistant reports red."}
+                        for k, d in enumerate(["coverage", "coherence", "granularity"] * 2)])
+
+    def respond(body):
+        bad = fail["on"] and "at 10s" in body["messages"][0]["content"] and "Q-two" in body["messages"][0]["content"]
+        return 200, chat("no list here" if bad else items)
+
+    samples = [{**colour_sample(2), "id": f"id{k}", "question": q} for k, q in enumerate(["Q-zero", "Q-one", "Q-two"])]
+    ann = write_ann(tmp_path / "train.jsonl", samples)
+    stub = Stub(respond)
+    try:
+        client = metric.ChatClient(stub.url, "m", retries=1, backoff=0.01, concurrency=3)
+        n, failed = rewards.make_rubrics(ann, client)
+        out = tmp_path / "train.rubrics.jsonl"
+        assert n == 2 and [f[0] for f in failed] == ["id2"] and len(out.read_text().splitlines()) == 2
+        before = len(stub.requests)  # 2 good + 2 attempts for id2
+        fail["on"] = False
+        n, failed = rewards.make_rubrics(ann, client)
+        assert n == 1 and failed == [] and len(stub.requests) == before + 1  # only the missing id is asked
+        lines = [json.loads(l) for l in out.read_text().splitlines()]
+        assert sorted(l["id"] for l in lines) == ["id0", "id1", "id2"] and len(lines[0]["rubric"]) == 6
+    finally:
+        stub.close()
+    loaded = rewards.load_rubrics(ann, load_annotations(ann, check_videos=False))
+    assert all(len(s["rubric"]) == 6 for s in loaded)
+    other = write_ann(tmp_path / "val.jsonl", samples[:1])
+    assert len(rewards.load_rubrics(other, load_annotations(other, check_videos=False))[0]["rubric"]) == 7  # offline
+    assert rewards.make_rubrics(other)[0] == 1 and rewards.make_rubrics(other)[0] == 0  # --offline, resumable
+
+
+# -----------------------------------------------------------------------------
+# bench.py
+
+
+def bench_ann(tmp_path):
+    red, blue = ({"colour": c} for c in ("red", "blue"))
+    return write_ann(tmp_path / "test.jsonl", [
+        {"id": "ou", "task": "OU", "question": "When does it change?", "query_time": 0.0, "duration": 40.0,
+         "answers": [{"time": 10.0, "text": "It turned red.", "slots": red}, {"time": 25.0, "text": "It turned blue.", "slots": blue}]},
+        {"id": "tg", "task": "TG", "question": "When is the jump?", "query_time": 1.0, "duration": 30.0,
+         "answers": [{"start": 5.5, "end": 12.0, "text": "the jump"}]},
+        {"id": "eu", "task": "EU", "question": "What happens?", "query_time": 0.0, "duration": 30.0,
+         "answers": [{"start": 3.0, "end": 9.0, "text": "A ball rolls across the table."}]},
+        {"id": "rf", "task": "RF", "question": "Warn me.", "query_time": 0.0, "duration": 20.0,
+         "answers": [{"time": 7.0, "text": "Careful, a step ahead.", "slots": {"hazard": "step"}}]},
+        {"id": "one", "task": "OU", "question": "When does it turn red?", "query_time": 0.0, "duration": 5.0,
+         "answers": [{"time": 3.0, "text": "It turned red.", "slots": red}]},
+    ])
+
+
+def test_bench_baselines(tmp_path):
+    ann = bench_ann(tmp_path)
+    res = bench.main(["--ann", ann, "--baseline", "oracle", "--out", str(tmp_path / "oracle.preds.jsonl")])
+    assert res["summary"]["w_avg"] == 1.0 and res["summary"]["avg"] == 1.0 and res["missing"] == 0
+    assert json.loads((tmp_path / "oracle.preds.results.json").read_text())["summary"]["tasks"]["TG"]["f1"] == 1.0
+    res = bench.main(["--ann", ann, "--baseline", "silent", "--out", str(tmp_path / "silent.preds.jsonl")])
+    assert res["summary"]["w_avg"] == 0.0 and res["summary"]["response_rate"] == 0.0
+    res = bench.main(["--ann", ann, "--baseline", "every-turn", "--out", str(tmp_path / "every.preds.jsonl")])
+    one = next(r for r in res["rows"] if r["id"] == "one")  # 5 responses at 1..5, GT at 3: P 1/5, R 1
+    assert one["n_pred"] == 5 and one["f1"] == pytest.approx(1 / 3)
+    assert res["summary"]["response_rate"] == 1.0 and res["summary"]["n_turns"] == 40 + 29 + 30 + 20 + 5
+    r1 = bench.main(["--ann", ann, "--baseline", "random", "--p", "1.0", "--out", str(tmp_path / "r1.preds.jsonl")])
+    assert next(r for r in r1["rows"] if r["id"] == "one")["f1"] == pytest.approx(1 / 3)  # p = 1, one reference text
+    r2 = bench.main(["--ann", ann, "--baseline", "random", "--seed", "3", "--out", str(tmp_path / "r2.preds.jsonl")])
+    r3 = bench.main(["--ann", ann, "--baseline", "random", "--seed", "3", "--out", str(tmp_path / "r3.preds.jsonl")])
+    assert (tmp_path / "r2.preds.jsonl").read_text() == (tmp_path / "r3.preds.jsonl").read_text()
+    assert 0 < r2["summary"]["n_responses"] < 124 and r2["summary"] == r3["summary"]
+
+
+def test_bench_preds_file_errors_and_missing(tmp_path, capsys):
+    ann = bench_ann(tmp_path)
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"id": "one", "responses": [{"time": 3.0, "text": "It turned red."}]}) + "\n")
+    res = bench.main(["--ann", ann, "--preds", str(preds)])
+    assert res["missing"] == 4 and res["summary"]["w_avg"] == pytest.approx(1 / 5)
+    assert "4 missing from the predictions, scored as silent" in capsys.readouterr().out
+    preds.write_text(json.dumps({"id": "one", "responses": []}) + "\n" + json.dumps({"id": "nope", "responses": []}) + "\n")
+    with pytest.raises(bench.BenchError, match=r"p\.jsonl:2: id 'nope' is not in the annotations"):
+        bench.main(["--ann", ann, "--preds", str(preds)])
+    preds.write_text('{"id": "one", "responses": [{"time": "3", "text": "x"}]}\n')
+    with pytest.raises(bench.BenchError, match=r"p\.jsonl:1: responses\[0\]"):
+        bench.main(["--ann", ann, "--preds", str(preds)])
+    preds.write_text('\n{"id": "one", "responses": [}\n')
+    with pytest.raises(bench.BenchError, match=r"p\.jsonl:2: not valid JSON"):
+        bench.main(["--ann", ann, "--preds", str(preds)])
+
+
+def test_bench_show_and_default_ann(tmp_path, monkeypatch):
+    ann = bench_ann(tmp_path)
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"id": "ou", "responses": [{"time": 11.0, "text": "It is red"},
+                                                           {"time": 30.0, "text": "blue"}]}) + "\n")
+    text = bench.main(["--ann", ann, "--preds", str(preds), "--show", "ou"])
+    assert "G0: t_opt 10s  window [7, 13]s  best P0: S 0.75 = S_time 0.75 x S_acc 1.00" in text
+    assert "P0 at 11s -> G0  S_time 0.75  S_acc 1.00" in text and "P1 at 30s -> no window (unmatched)" in text
+    assert "G1: t_opt 25s  window [22, 28]s  no match" in text
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(bench.BenchError, match="python data.py --make-synthetic"):
+        bench.main(["--baseline", "oracle"])
+
+
+def test_bench_http_judge_end_to_end(tmp_path):
+    stub = Stub(scripted((200, chat('{"explanation": "right", "score": 5}'))))
+    try:
+        ann = bench_ann(tmp_path)
+        res = bench.main(["--ann", ann, "--baseline", "oracle", "--out", str(tmp_path / "o.preds.jsonl"), "--judge", "http",
+                          "--judge-url", stub.url, "--judge-model", "m", "--judge-cache", str(tmp_path / "c.jsonl")])
+        assert res["summary"]["w_avg"] == 1.0 and len(stub.requests) == 5  # 6 answers, TG needs no judge
+    finally:
+        stub.close()
+
+
+OVO_ITEMS = [
+    {"id": 1, "task": "REC", "video": "perception_test/a.mp4", "activity": "jumping", "start_times": [2, 9],
+     "end_times": [5, 12], "test_info": [{"realtime": 5, "count": 1}, {"realtime": 12, "count": 2}]},
+    {"id": 2, "task": "SSR", "video": "COIN/b.mp4", "tutorial": "MakeTea", "all_steps": ["boil water", "pour water"],
+     "start_time": [3, 20], "end_time": [15, 26], "test_info": [{"realtime": 10, "step": "boil water", "type": 1}]},
+    {"id": 3, "task": "CRR", "video": "MovieNet/c.mp4", "question": "What does she take?", "answer": "A red cup.",
+     "ask_time": 30, "clue_time": 41, "test_info": [{"realtime": 30, "type": 0}, {"realtime": 45, "type": 1}]},
+    {"id": 4, "task": "EPM", "video": "x.mp4", "question": "?"},
+]
+
+
+def test_ovo_converter(tmp_path):
+    src, dst = tmp_path / "ovo.json", tmp_path / "far.jsonl"
+    src.write_text(json.dumps(OVO_ITEMS))
+    assert bench.main(["--from-ovo", str(src), "--out", str(dst)]) == {"REC": 1, "SSR": 1, "CRR": 1}
+    by_id = {s["id"]: s for s in load_annotations(str(dst), check_videos=False)}
+    assert by_id["ovo_REC_1"]["answers"] == [{"time": 5.0, "text": "1", "slots": {"count": 1}},
+                                             {"time": 12.0, "text": "2", "slots": {"count": 2}}]
+    assert "jumping" in by_id["ovo_REC_1"]["question"] and by_id["ovo_REC_1"]["query_time"] == 0.0
+    assert by_id["ovo_SSR_2"]["answers"][1] == {"start": 20.0, "end": 26.0, "text": "pour water"}
+    assert "make tea" in by_id["ovo_SSR_2"]["question"]
+    assert by_id["ovo_CRR_3"]["query_time"] == 30.0 and by_id["ovo_CRR_3"]["answers"] == [{"time": 41.0, "text": "A red cup."}]
+    assert by_id["ovo_CRR_3"]["video"] == "MovieNet/c.mp4" and "ovo_EPM_4" not in by_id
+    res = bench.main(["--ann", str(dst), "--baseline", "oracle", "--out", str(tmp_path / "o.preds.jsonl")])
+    assert res["summary"]["w_avg"] == 1.0 and res["summary"]["avg"] is None
+    src.write_text(json.dumps([{"id": 9, "task": "SSR", "video": "v", "tutorial": "T", "all_steps": ["a"],
+                                "start_time": [1, 2], "end_time": [3, 4]}]))
+    with pytest.raises(bench.BenchError, match="OVO item id 9"):
+        bench.ovo_to_annotations(json.loads(src.read_text()))
+
+
+def test_random_scoring_samples_shape():
+    samples, preds = bench.random_samples(50, seed=1)
+    assert all(2 <= len(s["answers"]) <= 4 and 2 <= len(preds[s["id"]]) <= 6 for s in samples)
+
+
+# -----------------------------------------------------------------------------
+# Streaming inference (infer.py): the cache equals a full forward, windows, resumable predictions
+
+import infer  # noqa: E402
+
+
+def full_logits(model, fmt, ids, recs):
+    """A single forward over the whole sequence, no cache: the reference for the incremental path."""
+    t = torch.tensor(ids)[None]
+    kw = {"pixel_values": torch.cat([r["pv"] for r in recs]), "image_grid_thw": torch.cat([r["grid"] for r in recs])} if recs else {}
+    with torch.no_grad():
+        return model(input_ids=t, attention_mask=torch.ones_like(t), mm_token_type_ids=(t == fmt.image_token_id).long(), **kw).logits[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_turns_equal_full_forward_batched_and_after_rebuild(tiny, family):
+    model, processor = M.load(tiny[family])
+    model.eval()
+    fmt = data.ChatFormat(processor)
+    frames = np.random.default_rng(0).integers(0, 255, (14, 56, 56, 3), dtype=np.uint8)
+    S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 2, window=4, chunk=3)  # rebuilds after 7 turns
+    got = [[], []]
+    for k in range(10):
+        q = "Tell me when the square turns red."
+        lg = S.observe([(frames[k], data.time_marker(k), q if k == 1 else None), (frames[13 - k], data.time_marker(k), q if k == 0 else None)])
+        for b in range(2):
+            got[b].append((len(S.segments[b]), lg[b]))
+        # row 1 answers on odd turns (its chunks get longer than row 0's: padding inside the batch)
+        text = fmt.ids(" The square turned red.")
+        S.end_turn(0, [fmt.decision_ids[data.SILENCE], fmt.eos_id], 0)
+        if k % 2:
+            S.feed([None, fmt.decision_ids[data.RESPONSE]])
+            for t in text:
+                S.feed([None, t])
+            S.end_turn(1, [fmt.decision_ids[data.RESPONSE], *text, fmt.eos_id], len(text) + 1)
+        else:
+            S.end_turn(1, [fmt.decision_ids[data.SILENCE], fmt.eos_id], 0)
+    assert S.rebuilds == 1 and len(S.segments[0]) == 2
+    for b in range(2):
+        # every turn's logits equal one fresh forward over its segment: the rebuilt windowed context plus what followed
+        ends, turn = [], 0
+        for seg in S.segments[b]:
+            ids, recs = list(seg["prefix"]), [{"pv": p, "grid": g} for p, g in seg["images"]]
+            for r in seg["turns"]:
+                ids += r["user"]
+                ends.append((turn, len(ids) - 1, list(ids), recs + [r]))
+                ids += r["content"] + r["tail"]
+                recs = recs + [r]
+                turn += 1
+        for turn, e, ids, recs in ends:
+            assert torch.allclose(full_logits(model, fmt, ids, recs)[e], got[b][turn][1], atol=1e-4), (b, turn)
+    # the rebuild (before turn 8) kept the question turn and the last 4 turns: 5 frames, then 2 more turns
+    n_img = int(S.ctx[0][0]["grid"][0].prod()) // 4
+    assert S.segments[0][1]["prefix"].count(fmt.image_token_id) == 5 * n_img and len(S.ctx[0]) == 7
+    assert S.ctx[0][0]["question"] and S.ctx[1][0]["question"]
+
+
+def test_streams_window_keeps_question_turn():
+    assert data.window_turns(8, 1, 4) == [1, 4, 5, 6, 7]
+
+
+@pytest.fixture(scope="session")
+def trained(tiny, synth, tmp_path_factory):
+    """A tiny model briefly trained with CB-Stream on the synthetic fixture (responds sometimes)."""
+    out = tmp_path_factory.mktemp("trained") / "sft"
+    args = sft.get_args(["--model", tiny["qwen2_5_vl"], "--data", str(synth / "train.jsonl"), "--val", "", "--levels", "0,1",
+                         "--out", str(out), "--max_steps", "40", "--batch", "4", "--lr", "3e-3", "--log_every", "100",
+                         "--eval_every", "0", "--save_every", "100"])
+    sft.main(args)
+    return str(out)
+
+
+def test_incremental_decoding_equals_reencoding_every_turn(trained, synth):
+    model, processor = M.load(trained)
+    model.eval()
+    fmt = data.ChatFormat(processor)
+    s = next(x for x in data.load_annotations(str(synth / "test.jsonl")) if x["level"] == 0)
+    frames, _ = data.load_video(s["video_path"], factor=fmt.factor)
+    args = infer.get_args(["--model", trained, "--threshold", "0.02"])  # a low threshold: some responses to compare
+    out, S = infer.run_streams(model, fmt, [(s, frames)], args)
+    # naive: every turn re-runs the whole conversation so far, every decoded token too
+    pol = infer.Greedy(fmt, 2, 0.02, args.max_new, M.vocab_mask(model, fmt.tok))
+    ids, recs, responses = list(fmt.system_ids(data.SYSTEM_PROMPT)), [], []
+    q = data.question_turn(s["query_time"])
+    for k in range(len(frames)):
+        pv, grid, n = fmt.images(frames[k][None])
+        recs.append({"pv": pv, "grid": grid})
+        ids += fmt.user_ids(data.time_marker(k), n[0], s["question"] if k == q else None)
+        t, _ = pol.first(full_logits(model, fmt, ids, recs)[-1], 0, silent=k < q)
+        content = [t]
+        while content[0] == fmt.decision_ids[data.RESPONSE] and t != fmt.eos_id:
+            t = fmt.eos_id if len(content) >= args.max_new else pol.next(full_logits(model, fmt, ids + content, recs)[-1], 0)[0]
+            content.append(t)
+        if content[0] != fmt.decision_ids[data.RESPONSE]:
+            content.append(fmt.eos_id)
+        dec, text = infer.response_text(fmt, content)
+        if dec == data.RESPONSE:
+            responses.append({"time": float(k + 1), "text": text})
+        ids += content + list(fmt.asst_close_tail)
+    assert responses == out[0]["responses"] and len(responses) > 0
+
+
+def test_predict_file_resumes_and_survives_a_bad_video(trained, synth, tmp_path):
+    rows = [json.loads(l) for l in open(synth / "test.jsonl")][:4]
+    for r in rows:
+        r["video"] = str(synth / r["video"])
+    (tmp_path / "broken.mp4").write_bytes(b"\x00" * 500)
+    rows[2]["video"] = str(tmp_path / "broken.mp4")
+    ann = write_jsonl(tmp_path / "ann.jsonl", rows)
+    out = tmp_path / "preds.jsonl"
+    args = infer.get_args(["--model", trained, "--ann", ann, "--out", str(out), "--streams", "2"])
+    infer.predict_file(args)
+    got = [json.loads(l) for l in open(out)]
+    assert sorted(g["id"] for g in got) == sorted(rows[i]["id"] for i in (0, 1, 3))
+    err = [json.loads(l) for l in open(tmp_path / "preds.errors.jsonl")]
+    assert len(err) == 1 and err[0]["id"] == rows[2]["id"] and "broken.mp4" in err[0]["error"]
+    assert all(len(g["p_response"]) == int(r["duration"]) for g in got for r in rows if r["id"] == g["id"])
+    # resume: a cut-off last line and a missing sample are redone, finished ones are kept as they were
+    lines = open(out).read().splitlines()
+    open(out, "w").write("\n".join(lines[:1]) + "\n" + lines[1][: len(lines[1]) // 2])
+    infer.predict_file(args)
+    again = {json.loads(l)["id"]: json.loads(l) for l in open(out) if l.strip().endswith("}")}
+    assert set(again) == {g["id"] for g in got} and again[got[0]["id"]] == got[0]
+
+
+# -----------------------------------------------------------------------------
+# SFT runs (sft.py): the imbalance effect, the offline stage, 1 vs 2 processes, resume
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+
+def sft_args(tiny, synth, out, *extra):
+    return sft.get_args(["--model", tiny["qwen2_5_vl"], "--data", str(synth / "train.jsonl"), "--val", "", "--levels", "0,1",
+                         "--out", str(out), "--batch", "4", "--micro_batch", "2", "--lr", "3e-3", "--log_every", "100",
+                         "--eval_every", "0", "--save_every", "1000", *extra])
+
+
+def losses_of(out):
+    return [json.loads(l)["loss"] for l in open(os.path.join(out, "log.jsonl"))]
+
+
+@torch.no_grad()
+def response_rate(path, synth):
+    """Teacher-forced: how often argmax at a decision position is </Response>, on training conversations."""
+    model, processor = M.load(path)
+    fmt = data.ChatFormat(processor)
+    args = sft.get_args([])
+    train = sft.StreamData(str(synth / "train.jsonl"), fmt, args, [0, 1])
+    b = data.collate([train.encode(i) for i in range(len(train.samples))], processor.tokenizer.pad_token_id)
+    logits = model(**data.model_inputs(b)).logits[:, :-1]
+    cls = b["classes"][:, 1:]
+    dec = (cls == data.C_SILENCE) | (cls == data.C_RESPONSE)
+    return float((logits[dec].argmax(-1) == fmt.decision_ids[data.RESPONSE]).float().mean()), float((cls[dec] == data.C_RESPONSE).float().mean())
+
+
+@pytest.mark.slow
+def test_cb_stream_responds_where_ce_collapses_to_silence(tiny, synth, tmp_path):
+    rates = {}
+    for loss in ("ce", "cb"):
+        sft.main(sft_args(tiny, synth, tmp_path / loss, "--loss", loss, "--max_steps", "60"))
+        rates[loss] = response_rate(str(tmp_path / loss), synth)
+    true_rate = rates["ce"][1]
+    assert 0 < true_rate < 0.15  # most turns are silent
+    assert rates["ce"][0] < true_rate / 2 and rates["cb"][0] > rates["ce"][0] + 0.05, rates
+
+
+@pytest.mark.slow
+def test_offline_stage_learns_to_see(tiny, tmp_path):
+    out = tmp_path / "base"
+    sft.main(sft.get_args(["--stage", "offline", "--model", tiny["qwen2_5_vl"], "--out", str(out), "--max_steps", "500",
+                           "--eval_every", "0", "--log_every", "1000"]))
+    model, processor = M.load(str(out))
+    acc = sft.eval_offline(model, data.ChatFormat(processor), 64, seed=12345, device="cpu")
+    assert acc["colour_acc"] > 0.5, acc  # chance: a quarter for one shape, a sixteenth for two
+
+
+def run_py(*cmd, env=None):
+    r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tiny, synth, tmp_path):
+    common = ["sft.py", "--model", tiny["qwen2_5_vl"], "--data", str(synth / "train.jsonl"), "--val", "", "--levels", "0,1",
+              "--batch", "4", "--max_steps", "3", "--lr", "3e-3", "--log_every", "1", "--eval_every", "0"]
+    run_py(*common, "--micro_batch", "4", "--out", str(tmp_path / "one"))
+    run_py("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common, "--micro_batch", "1", "--out", str(tmp_path / "two"),
+           env={"OMP_NUM_THREADS": "1"})
+    one, two = losses_of(tmp_path / "one"), losses_of(tmp_path / "two")
+    # same global batch, same class counts, same normaliser: equal up to float summation order (documented 1e-5)
+    assert len(one) == len(two) == 3 and np.allclose(one, two, rtol=1e-5, atol=1e-6), (one, two)
+
+
+def test_resume_continues_exactly(tiny, synth, tmp_path):
+    sft.main(sft_args(tiny, synth, tmp_path / "a", "--max_steps", "4"))
+    sft.main(sft_args(tiny, synth, tmp_path / "b", "--max_steps", "4", "--stop_at", "2"))
+    assert len(losses_of(tmp_path / "b")) == 2
+    sft.main(sft_args(tiny, synth, tmp_path / "b", "--max_steps", "4", "--resume"))
+    a, b = losses_of(tmp_path / "a"), losses_of(tmp_path / "b")
+    assert len(b) == 4 and np.allclose(a, b, rtol=0, atol=1e-6), (a, b)
+    assert not os.path.exists(str(tmp_path / "b") + ".tmp") and M.latest(str(tmp_path / "b")) == str(tmp_path / "b")
+
+
+def test_bad_sample_is_named_or_skipped(tiny, synth, tmp_path):
+    rows = [json.loads(l) for l in open(synth / "train.jsonl")][:6]
+    for r in rows:
+        r["video"] = str(synth / r["video"])
+    (tmp_path / "bad.mp4").write_bytes(b"\x00" * 300)
+    rows[1]["video"] = str(tmp_path / "bad.mp4")
+    ann = write_jsonl(tmp_path / "ann.jsonl", rows)
+    args = sft_args(tiny, synth, tmp_path / "x", "--max_steps", "2")
+    args.data = ann
+    with pytest.raises(SystemExit, match=rf"(?s)sample {rows[1]['id']} .*bad.mp4.*--skip_bad"):
+        sft.main(args)
+    args.skip_bad = True
+    sft.main(args)
+    assert len(losses_of(tmp_path / "x")) == 2
+
+
+# -----------------------------------------------------------------------------
+# GRPO (grpo.py): advantages, the clipped loss, rollouts that reproduce their log-probs, an update
+
+import grpo  # noqa: E402
+
+
+def test_advantages_equal_rewards_and_one_outlier():
+    assert torch.equal(grpo.advantages([0.3, 0.3, 0.3]), torch.zeros(3))  # no signal from a flat group
+    # [0, 0, 0, 1]: mean 0.25, sample std 0.5 -> (R - 0.25) / (0.5 + 1e-4)
+    assert torch.allclose(grpo.advantages([0, 0, 0, 1]), torch.tensor([-0.25, -0.25, -0.25, 0.75]) / 0.5001, atol=1e-6)
+    assert torch.allclose(grpo.advantages([0, 0, 0, 1], "mean"), torch.tensor([-0.25, -0.25, -0.25, 0.75]))
+    assert torch.equal(grpo.advantages([2.0]), torch.zeros(1))
+
+
+def test_clipped_token_loss_and_k3_by_hand():
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.1, 1.5, 0.5, 1.5]))
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    # rho 1.1, A=1: -1.1 | rho 1.5, A=1: clipped at 1.28 | rho 0.5, A=-1: -min(-0.5, -0.8) = 0.8 | rho 1.5, A=-1: 1.5
+    assert torch.allclose(grpo.clipped_token_loss(logp, old, adv), torch.tensor([-1.1, -1.28, 0.8, 1.5]))
+    assert torch.allclose(grpo.clipped_token_loss(logp, old, adv, weight=torch.tensor([1.0, 0.5, 1.0, 0.0])), torch.tensor([-1.1, -0.64, 0.8, 0.0]))
+    assert torch.allclose(grpo.k3(torch.zeros(2), torch.tensor([0.0, 0.5])), torch.tensor([0.0, math.exp(0.5) - 1.5]))
+
+
+def rollout_args(*extra):
+    return grpo.get_args(["--group", "2", "--max_new", "12", *extra])
+
+
+def test_rollout_log_probs_are_reproduced_by_a_full_forward(trained, synth):
+    model, processor = M.load(trained)
+    fmt = data.ChatFormat(processor)
+    s = data.load_annotations(str(synth / "train.jsonl"))[0]
+    frames, _ = data.load_video(s["video_path"], factor=fmt.factor)
+    gen = torch.Generator().manual_seed(0)
+    trajs = grpo.rollout(model, fmt, [(s, frames)], rollout_args(), gen)
+    assert len(trajs) == 2 and all(len(t["steps"]) == len(frames) - data.question_turn(s["query_time"]) for t in trajs)
+    n = 0
+    for t in trajs:
+        for seq in grpo.sequences(t):
+            b = grpo.collate_seqs([{**seq, "adv": 1.0}], fmt.tok.pad_token_id, fmt.image_token_id, "cpu")
+            with torch.no_grad():
+                logp = grpo.token_logp(model, b, 1.0)
+            m = b["train"] > 0
+            assert torch.allclose(logp[m], b["old"][m], atol=1e-4)
+            n += int(m.sum())
+            # the trained tokens are exactly the sampled assistant tokens: no frame, user or system token
+            ids = b["ids"][0, 1:][m[0]]
+            assert not (ids == fmt.image_token_id).any()
+    assert n >= 2 * (len(frames) - data.question_turn(s["query_time"]))  # at least one sampled token per decided turn
+
+
+def test_one_update_moves_log_probs_by_the_sign_of_the_advantage(trained, synth):
+    model, processor = M.load(trained)
+    fmt = data.ChatFormat(processor)
+    s = data.load_annotations(str(synth / "train.jsonl"))[0]
+    frames, _ = data.load_video(s["video_path"], factor=fmt.factor)
+    traj = grpo.rollout(model, fmt, [(s, frames)], rollout_args("--group", "1"), torch.Generator().manual_seed(1))[0]
+    seq = grpo.sequences(traj)[0]
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    moved = {}
+    for adv in (1.0, -1.0):
+        model.load_state_dict(start)
+        b = grpo.collate_seqs([{**seq, "adv": adv}], fmt.tok.pad_token_id, fmt.image_token_id, "cpu")
+        logp = grpo.token_logp(model, b, 1.0)
+        loss = (grpo.clipped_token_loss(logp, logp.detach(), b["adv"]) * b["train"]).sum() / b["train"].sum()
+        g, = torch.autograd.grad(loss, logp, retain_graph=True)
+        assert (g[b["train"] == 0] == 0).all() and (g[b["train"] > 0] != 0).all()  # frames and user text are not trained
+        loss.backward()
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
+        model.zero_grad()
+        with torch.no_grad():
+            moved[adv] = float(((grpo.token_logp(model, b, 1.0) - logp.detach()) * b["train"]).sum())
+    assert moved[1.0] > 0 > moved[-1.0], moved
+
+
+def test_grpo_runs_and_resumes(trained, synth, tmp_path):
+    common = ["--model", trained, "--data", str(synth / "train.jsonl"), "--val", str(synth / "val.jsonl"), "--levels", "0,1",
+              "--batch", "2", "--group", "2", "--max_new", "8", "--eval_samples", "2", "--eval_every", "100", "--micro_batch", "2"]
+    grpo.main(grpo.get_args(common + ["--out", str(tmp_path / "a"), "--max_steps", "3"]))
+    grpo.main(grpo.get_args(common + ["--out", str(tmp_path / "b"), "--max_steps", "3", "--stop_at", "2"]))
+    grpo.main(grpo.get_args(common + ["--out", str(tmp_path / "b"), "--max_steps", "3", "--resume"]))
+    logs = lambda d: [json.loads(l) for l in open(d / "log.jsonl") if '"reward"' in l]
+    a, b = logs(tmp_path / "a"), logs(tmp_path / "b")
+    assert [r["step"] for r in a] == [1, 2, 3] and [r["step"] for r in b] == [1, 2, 3]
+    assert np.allclose([r["reward"] for r in a], [r["reward"] for r in b]) and np.allclose([r["loss"] for r in a], [r["loss"] for r in b], atol=1e-6)
+    assert all(0 <= r["r_format"] <= 1 and 0 <= r["r_turn"] <= 2 and abs(r["logp_gap"]) < 1e-3 for r in a)
+    assert M.latest(str(tmp_path / "a"))
+
+
+@pytest.mark.slow
+def test_grpo_under_torchrun_two_processes(trained, synth, tmp_path):
+    run_py("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py", "--model", trained,
+           "--data", str(synth / "train.jsonl"), "--val", "", "--levels", "0,1", "--batch", "2", "--group", "2",
+           "--max_new", "8", "--max_steps", "2", "--out", str(tmp_path / "g"), env={"OMP_NUM_THREADS": "1"})
+    assert len([l for l in open(tmp_path / "g" / "log.jsonl")]) == 2
+
+
+def test_vllm_backend_samples_from_pushed_weights(trained, synth, monkeypatch):
+    pytest.importorskip("vllm", reason="vllm is not installed: its wheel is CUDA-only (GPU machines); the backend is untested here")
+    if not torch.cuda.is_available():
+        pytest.skip("vllm imports but there is no GPU: its CPU build cannot run Qwen2.5-VL without torchvision (ENVIRONMENT.md)")
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533").items():
+        monkeypatch.setenv(k, v)  # external_launcher expects torchrun's environment
+    model, processor = M.load(trained, device="cuda")
+    fmt = data.ChatFormat(processor)
+    s = next(x for x in data.load_annotations(str(synth / "test.jsonl")) if x["level"] == 0)
+    frames, _ = data.load_video(s["video_path"], factor=fmt.factor)
+    engine = grpo.VLLMRollout(trained, fmt, grpo.get_args(["--group", "1", "--temperature", "0", "--max_new", "8"]), 0)
+    engine.wake()
+    before = engine.rollout([(s, frames)])[0]
+    with torch.no_grad():  # push weights that always say </Response>: the greedy samples must follow them
+        model.lm_head.weight[fmt.decision_ids[data.RESPONSE]] *= 50
+    engine.sync_weights(model)
+    after = engine.rollout([(s, frames)])[0]
+    assert len(after["responses"]) == after["n_turns"] > len(before["responses"])

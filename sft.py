@@ -1,0 +1,479 @@
+"""
+Supervised fine-tuning for the streaming format (SPEC sections 2 and 5). Two stages, one script:
+
+  --stage offline  single-turn perception SFT (plain CE) that turns a tiny random model into a tiny
+                   *base* VLM that can see. Tiny models only: Qwen-VL-Instruct already sees.
+  --stage stream   streaming SFT with --loss cb (CB-Stream, default) | focal (Streamo) | ce: the paper's stage.
+
+    python sft.py                                    # CPU: tiny base (offline stage first if missing) -> streaming SFT
+    python sft.py --loss focal --out out/sft-focal   # the Streamo baseline at the same budget
+    python sft.py --stage offline                    # only the tiny base model
+    torchrun --standalone --nproc_per_node=2 sft.py  # 2 CPU processes (gloo), same result as 1
+    torchrun --standalone --nproc_per_node=8 sft.py --preset qwen2.5-vl-3b \\
+        --model /models/Qwen2.5-VL-3B-Instruct --data /data/sft.jsonl --val /data/val.jsonl --out out/sft-3b
+    # multi-node: torchrun --nnodes=8 --node_rank=$NODE --master_addr=$HOST --master_port=29500 --nproc_per_node=8 sft.py ...
+
+One optimisation step = `--batch` conversations (global, over all ranks), split into micro-batches of
+`--micro_batch` per rank with gradient accumulation. The loss of a step is normalised by the global
+number of supervised tokens and the class-balanced weights use the global class counts, so the
+update does not depend on how the batch is split (test_core.py checks 1 vs 2 processes).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import model as M
+from losses import class_counts, sft_loss
+
+# -----------------------------------------------------------------------------
+# Config: defaults run the tiny model on the synthetic benchmark on a CPU
+
+PRESETS = {  # SPEC section 5; (ours): warmup, micro-batch, window, eval cadence
+    "qwen2.5-vl-3b": dict(lr=1e-5, batch=512, micro_batch=1, epochs=1, max_steps=0, warmup=30, dtype="bfloat16",
+                          fsdp=True, grad_ckpt=True, window=200, eval_every=200, save_every=200, log_every=1),
+    "qwen3-vl-4b": dict(lr=1e-5, batch=512, micro_batch=1, epochs=1, max_steps=0, warmup=30, dtype="bfloat16",
+                        fsdp=True, grad_ckpt=True, window=200, eval_every=200, save_every=200, log_every=1),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what")
+    g.add_argument("--stage", default="stream", choices=["stream", "offline"])
+    g.add_argument("--preset", default=None, choices=list(PRESETS), help="the paper's settings for a backbone")
+    g.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen3_vl"], help="tiny default model family")
+    g.add_argument("--model", default=None, help="start from (default: tiny base for stream, tiny random for offline)")
+    g.add_argument("--out", default=None, help="checkpoint directory (default out/sft-{loss} or out/base-{family})")
+    g.add_argument("--resume", action="store_true", help="continue from --out's trainer state")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=os.path.join(data.DEFAULT_DATA, "train.jsonl"))
+    g.add_argument("--val", default=os.path.join(data.DEFAULT_DATA, "val.jsonl"))
+    g.add_argument("--levels", default="0,1", help="synthetic difficulty levels to train on ('' = all samples)")
+    g.add_argument("--states", type=int, default=2, choices=[2, 3])
+    g.add_argument("--fps", type=float, default=1.0)
+    g.add_argument("--window", type=int, default=200, help="turns kept besides the question turn (0 = all)")
+    g.add_argument("--skip_bad", action="store_true", help="report and skip samples that fail to load")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", default="cb", choices=["cb", "focal", "ce"])
+    g.add_argument("--beta", type=float, default=0.9999)
+    g.add_argument("--lambda_text", type=float, default=2.0)
+    g.add_argument("--gamma", type=float, default=2.0)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min_lr_ratio", type=float, default=0.1)
+    g.add_argument("--warmup", type=int, default=20, help="linear warmup steps, then cosine decay")
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--grad_clip", type=float, default=1.0)
+    g.add_argument("--batch", type=int, default=8, help="conversations per optimisation step, all ranks together")
+    g.add_argument("--micro_batch", type=int, default=4, help="conversations per forward pass per rank")
+    g.add_argument("--max_steps", type=int, default=240, help="0 = run --epochs")
+    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--stop_at", type=int, default=0, help="save and exit after this step (to fit a job slot); --resume goes on")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("system")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard per decoder layer (3B/4B on GPUs)")
+    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing")
+    g.add_argument("--train_vision", action="store_true", help="train the ViT too (both papers freeze it)")
+    g.add_argument("--projector_lr", type=float, default=None,
+                   help="learning rate of the vision-language projector (default: --lr; 0 for the tiny models)")
+    g.add_argument("--eval_every", type=int, default=120)
+    g.add_argument("--eval_samples", type=int, default=60)
+    g.add_argument("--save_every", type=int, default=60)
+    g.add_argument("--log_every", type=int, default=10)
+    g.add_argument("--cache_gb", type=float, default=2.0, help="decoded frames kept in memory")
+    args = p.parse_args(argv)
+    if args.preset:  # a preset fills in what the command line left at its default
+        for k, v in PRESETS[args.preset].items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    if args.stage == "offline":
+        for k, v in dict(lr=2e-3, batch=32, micro_batch=32, max_steps=1500, warmup=50, eval_every=500, save_every=500).items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    args.out = args.out or (f"out/base-{args.family}" if args.stage == "offline" else f"out/sft-{args.loss}")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Pure helpers
+
+
+def lr_at(step, max_steps, lr, warmup, min_lr_ratio):
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def batch_indices(step, batch, n, seed):
+    """The global batch of step `step`: a fresh seeded permutation of the n samples per epoch, so the
+    data position is a function of the step (exact resume) and every rank agrees without talking."""
+    out = []
+    for pos in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(pos, n)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[i]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Data: conversations for the streaming stage, perception pairs for the offline stage
+
+
+class StreamData:
+    """Annotated videos -> encoded conversations, with decoded frames cached in memory."""
+
+    def __init__(self, path, fmt, args, levels=None):
+        samples = data.load_annotations(path)
+        if levels:
+            samples = [s for s in samples if s.get("level", levels[0]) in levels]
+        if not samples:
+            raise SystemExit(f"{path}: no samples (levels filter {levels})")
+        self.samples, self.fmt, self.args = samples, fmt, args
+        self.cache, self.cache_bytes, self.bad = OrderedDict(), 0, set()
+
+    def frames(self, s):
+        if s["id"] in self.cache:
+            self.cache.move_to_end(s["id"])
+            return self.cache[s["id"]]
+        f, _ = data.load_video(s["video_path"], self.args.fps, s["duration"], self.fmt.factor)
+        self.cache[s["id"]], self.cache_bytes = f, self.cache_bytes + f.nbytes
+        while self.cache_bytes > self.args.cache_gb * 2**30:
+            self.cache_bytes -= self.cache.popitem(last=False)[1].nbytes
+        return f
+
+    def encode(self, i):
+        """Conversation i, encoded. A sample that fails to load stops the run with its id and cause,
+        or with --skip_bad is reported once and replaced by the next sample, so every rank keeps the
+        same number of micro-batches."""
+        for j in range(len(self.samples)):
+            s = self.samples[(i + j) % len(self.samples)]
+            if s["id"] in self.bad:
+                continue
+            try:
+                frames = self.frames(s)
+                conv = data.build_conversation(s, len(frames), self.args.fps, self.args.states)
+                return self.fmt.encode(conv, frames, self.args.window)
+            except (data.VideoError, ValueError, RuntimeError) as e:
+                if not self.args.skip_bad:
+                    raise SystemExit(f"sample {s['id']} ({s['video_path']}): {e}\nrerun with --skip_bad to skip such samples")
+                print(f"skipping sample {s['id']}: {e}", flush=True)
+                self.bad.add(s["id"])
+        raise SystemExit("no sample could be loaded")
+
+
+@torch.no_grad()
+def center_projector(model, fmt, seed, n=128):
+    """(ours, tiny models only) Data-dependent init: shift the projector's output bias so the visual
+    tokens of a sample of frames have zero mean. A random ViT's tokens share a large common
+    component that hides their content; with it the tiny LM did not learn to read colours in
+    1500 steps, without it in ~200 (README: tiny models)."""
+    from synthetic import perception_pairs
+    frames = np.concatenate([p["frames"] for p in perception_pairs(n, [seed, 1])])
+    pv, grid, _ = fmt.images(frames)
+    feats = torch.cat(model.model.get_image_features(pv.to(model.device), grid.to(model.device)).pooler_output)
+    last = [m for m in model.model.visual.merger.modules() if isinstance(m, torch.nn.Linear)][-1]
+    last.bias -= feats.mean(0)
+
+
+def perception_batch(fmt, n, seed):
+    from synthetic import perception_pairs
+    return [fmt.encode_single(p["frames"], p["prompt"], p["answer"]) for p in perception_pairs(n, seed)]
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def eval_stream(dmodel, fmt, val, args, rank, world, device, pad_id, autocast):
+    """Val metrics. Teacher-forced: CE of the supervised tokens (comparable across losses).
+    Free-running, through infer.py (the model's own outputs stay in its context, as in deployment):
+    per-class decision accuracy and response precision / recall / rate over the turns from the
+    question on, StreamPro-F1 (offline judge), and the threshold-free ROC-AUC of p(</Response>) at
+    every decision: a class-balanced loss mostly moves the decision threshold, and the AUC tells that
+    apart from better perception."""
+    import infer
+    import metric
+    dmodel.eval()
+    idx = list(range(min(args.eval_samples, len(val.samples))))[rank::world]
+    ce = torch.zeros(2, dtype=torch.float64)
+    for j in range(0, len(idx), args.micro_batch):
+        b = data.collate([val.encode(i) for i in idx[j:j + args.micro_batch]], pad_id)
+        with autocast:
+            logits = dmodel(**{k: v.to(device) for k, v in data.model_inputs(b).items()}).logits[:, :-1].float()
+        y = b["labels"][:, 1:].to(device)
+        ce += torch.tensor([torch.nn.functional.cross_entropy(logits[y != -100], y[y != -100], reduction="sum").item(), (y != -100).sum().item()])
+    iargs = infer.get_args(["--states", str(args.states), "--fps", str(args.fps), "--window", str(args.window)])
+    judge, rows = metric.OfflineJudge.from_samples(val.samples), []
+    with M.full_params(dmodel):
+        for j in range(0, len(idx), iargs.streams):
+            batch = [(val.samples[i], val.frames(val.samples[i])) for i in idx[j:j + iargs.streams]]
+            outs, _ = infer.run_streams(M.unwrap(dmodel), fmt, batch, iargs)
+            for (s, frames), o in zip(batch, outs):
+                conv = data.build_conversation(s, len(frames), args.fps, args.states)
+                q = conv["q_turn"]
+                rows.append(([t["decision"] for t in conv["turns"]][q:], o["decisions"][q:], o["p_response"][q:],
+                             metric.score_sample(s, o["responses"], judge)))
+    if world > 1:
+        dist.all_reduce(ce)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = [r for g in gathered for r in g]
+    dmodel.train()
+    lab = [x for r in rows for x in r[0]]
+    pred = [x for r in rows for x in r[1]]
+    hit = sum(p == l == data.RESPONSE for p, l in zip(pred, lab))
+    out = {"val_ce": ce[0].item() / max(1, ce[1].item()),
+           "rsp_precision": hit / max(1, pred.count(data.RESPONSE)), "rsp_recall": hit / max(1, lab.count(data.RESPONSE)),
+           "rsp_rate": pred.count(data.RESPONSE) / max(1, len(pred)), "true_rate": lab.count(data.RESPONSE) / max(1, len(lab)),
+           "auc": metric.roc_auc([x for r in rows for x in r[2]], [l == data.RESPONSE for l in lab]),
+           "f1": float(np.mean([r[3]["f1"] for r in rows])) if rows else float("nan")}
+    for t in data.STATES[args.states]:
+        n = lab.count(t)
+        out[f"acc_{t[2:-1].lower()}"] = sum(p == l == t for p, l in zip(pred, lab)) / max(1, n)
+    return out
+
+
+@torch.no_grad()
+def eval_offline(model, fmt, n, seed, device):
+    """Greedy answers on held-out perception pairs -> slot accuracies (chance: colour set 1/4-1/12,
+    change 1/7)."""
+    from synthetic import COLOURS, DIRS, SHAPES, perception_pairs
+    model.eval()
+    hits = {"colour": [], "shape": [], "change": []}
+    for p in perception_pairs(n, seed):
+        enc = fmt.encode_single(p["frames"], p["prompt"], "")
+        L = len(enc["input_ids"]) - 1 - len(fmt.asst_close_tail)  # the prompt: all but end-of-turn and tail
+        ids = enc["input_ids"][None, :L].to(device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=enc["pixel_values"].to(device),
+                             image_grid_thw=enc["image_grid_thw"].to(device), mm_token_type_ids=enc["mm_token_type_ids"][None, :L].to(device),
+                             max_new_tokens=20, do_sample=False, eos_token_id=fmt.eos_id, pad_token_id=fmt.tok.pad_token_id)
+        text = fmt.tok.decode(out[0, L:], skip_special_tokens=True).lower()
+        words = text.replace(".", " ").split()
+        if p["prompt"] == "Describe the frame.":
+            hits["colour"].append(sorted(w for w in words if w in COLOURS) == p["slots"]["colours"])
+            hits["shape"].append(sorted(w for w in words if w in SHAPES) == p["slots"]["shapes"])
+        else:
+            said = [w for w in words if w in COLOURS or w in DIRS] or (["none"] if "nothing" in words else [])
+            hits["change"].append(said == [p["slots"]["change"]])
+    model.train()
+    return {f"{k}_acc": float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def setup_dist():
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if not ddp:
+        return False, 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    return True, rank, world, f"cuda:{local}" if cuda else "cpu"
+
+
+def wrap(model, args, ddp, device):
+    """DDP for small models; FSDP2 (fully_shard per decoder layer, bf16 compute, fp32 reduce) for
+    the 3B/4B backbones. The FSDP branch is written for GPUs and has not been run (no GPU here)."""
+    if args.grad_ckpt:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, args.dtype), reduce_dtype=torch.float32)
+        for layer in model.model.language_model.layers:
+            fully_shard(layer, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[device] if device.startswith("cuda") else None)
+    return model
+
+
+def set_grad_sync(model, flag):
+    """Gradient all-reduce only on the last micro-batch of a step."""
+    if hasattr(model, "require_backward_grad_sync"):  # DDP
+        model.require_backward_grad_sync = flag
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(flag)
+
+
+def main(args):
+    ddp, rank, world, device = setup_dist()
+    torch.manual_seed(args.seed + rank)
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} must be a multiple of the number of processes ({world})")
+    if rank == 0:  # the default pipeline makes what it needs: synthetic data, tiny random model
+        if args.data.startswith(data.DEFAULT_DATA):
+            data.ensure_synthetic()
+        if args.model is None:
+            M.ensure_tiny(args.family)
+    if ddp:
+        dist.barrier()
+    if args.model is None and args.stage == "offline":
+        args.model = f"out/tiny-{args.family}"
+    elif args.model is None:  # tiny random -> offline perception stage -> streaming SFT
+        args.model = f"out/base-{args.family}"
+        if not M.latest(args.model):
+            print0(f"no tiny base model at {args.model}: running the offline perception stage first")
+            base = get_args(["--stage", "offline", "--family", args.family, "--seed", str(args.seed)])
+            base.model = f"out/tiny-{args.family}"
+            run(base, ddp, rank, world, device)
+    run(args, ddp, rank, world, device)
+    if ddp:
+        dist.destroy_process_group()
+
+
+def run(args, ddp, rank, world, device):
+    ckpt = M.latest(args.out) if args.resume else None
+    if ckpt and not os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
+        ckpt = None
+    if args.resume and not ckpt:
+        print0(f"--resume: no checkpoint in {args.out} yet, starting from {args.model}")
+    if args.stage == "offline" and not args.resume and M.latest(args.out):
+        print0(f"{args.out} exists: offline stage skipped (delete it or pass --resume to continue)")
+        return
+    model, processor = M.load(ckpt or args.model, device=device, freeze_vision=not args.train_vision)
+    fmt = data.ChatFormat(processor)
+    pad_id = processor.tokenizer.pad_token_id
+    decision_ids = [fmt.decision_ids[t] for t in data.STATES[args.states]]
+    levels = [int(x) for x in args.levels.split(",")] if args.levels else None
+    if args.stage == "stream":
+        train = StreamData(args.data, fmt, args, levels)
+        val = StreamData(args.val, fmt, args, levels) if args.val and os.path.isfile(args.val) else None
+        n = len(train.samples)
+        max_steps = args.max_steps or math.ceil(args.epochs * n / args.batch)
+    else:
+        max_steps = args.max_steps
+    if args.stage == "offline" and not ckpt:
+        center_projector(model, fmt, args.seed)
+    proj_lr = args.projector_lr
+    if proj_lr is None:
+        # (ours) a tiny model's projector is random: Adam's steps on it (even at 1e-4) scrambled the
+        # visual tokens faster than the LM learned to read them (val AUC 0.80 vs 0.99 frozen, README)
+        proj_lr = 0.0 if getattr(model.config, "streampro_tiny", False) else args.lr
+    if proj_lr == 0:
+        for p in model.model.visual.merger.parameters():
+            p.requires_grad = False
+    model.train()
+    dmodel = wrap(model, args, ddp, device)
+    named = [(n, p) for n, p in dmodel.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups = [{"params": [p for n, p in named if "visual" not in n], "lr_scale": 1.0},
+              {"params": [p for n, p in named if "visual" in n], "lr_scale": proj_lr / args.lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95),
+                            weight_decay=args.weight_decay, fused=device.startswith("cuda"))
+    step = 0
+    if ckpt:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        M.set_optimizer_state(dmodel, opt, state["optimizer"])
+        step = state["step"]
+        random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"]), torch.set_rng_state(state["rng"]["torch"])
+        print0(f"resumed {ckpt} at step {step}")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.startswith("cuda") and args.dtype == "bfloat16" and not args.fsdp) else nullcontext()
+    cfg = vars(args).copy()
+    print0(json.dumps(cfg))
+    n_params = sum(p.numel() for p in params)
+    print0(f"{args.stage} stage: {args.model} -> {args.out}, {n_params / 1e6:.2f} M trainable parameters, {world} process(es), {max_steps} steps")
+    log = None
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        log = open(os.path.join(args.out, "log.jsonl"), "a")
+
+    def evaluate():
+        if args.stage == "stream":
+            return eval_stream(dmodel, fmt, val, args, rank, world, device, pad_id, autocast) if val else {}
+        return eval_offline(model, fmt, 96, seed=10**6 + args.seed, device=device) if rank == 0 else {}
+
+    def save():
+        M.save_checkpoint(args.out, dmodel, processor, opt, {"step": step, "config": cfg, "rng": {
+            "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}, rank)
+
+    t_last, tokens = time.time(), 0
+    while step < max_steps:
+        # the step's conversations: this rank's share of the global batch, encoded up front so the
+        # class counts and the token count of the whole global batch are known before any backward
+        if args.stage == "stream":
+            idx = batch_indices(step, args.batch, n, args.seed)[rank::world]
+            items = [train.encode(i) for i in idx]
+        else:
+            items = perception_batch(fmt, args.batch, seed=[args.seed, step])[rank::world]
+        labels = torch.cat([x["labels"][1:] for x in items])
+        counts = class_counts(labels, decision_ids)
+        totals = torch.cat([counts, torch.tensor([(labels != -100).sum().item(), sum(len(x["input_ids"]) for x in items)], dtype=torch.float64)])
+        if ddp:
+            dist.all_reduce(totals)
+        counts, n_sup, n_tok = totals[:-2], int(totals[-2]), int(totals[-1])
+        lr = lr_at(step, max_steps, args.lr, args.warmup, args.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        loss_sum = 0.0
+        micro = [items[j:j + args.micro_batch] for j in range(0, len(items), args.micro_batch)]
+        for j, mb in enumerate(micro):
+            set_grad_sync(dmodel, j == len(micro) - 1)
+            b = data.collate(mb, pad_id)
+            with autocast:
+                logits = dmodel(**{k: v.to(device) for k, v in data.model_inputs(b).items()}).logits[:, :-1]
+            loss = sft_loss(args.loss if args.stage == "stream" else "ce", logits, b["labels"][:, 1:].to(device), decision_ids,
+                            counts=counts, num_items=n_sup, beta=args.beta, lambda_text=args.lambda_text, gamma=args.gamma)
+            (loss * world).backward()  # DDP/FSDP average gradients over ranks; the loss is already global
+            loss_sum += loss.item()
+        if ddp:
+            t = torch.tensor([loss_sum], dtype=torch.float64)
+            dist.all_reduce(t)
+            loss_sum = t.item()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item() if args.grad_clip > 0 else float("nan")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens += n_tok
+        rec = {"step": step, "loss": loss_sum, "lr": lr, "gnorm": gnorm, "counts": [int(c) for c in counts]}
+        if step % args.log_every == 0 or step == max_steps:
+            dt = time.time() - t_last
+            names = [t[2:-1].lower() for t in data.STATES[args.states]]
+            cls = " ".join(f"{k}={int(c)}" for k, c in zip(names, counts)) if args.stage == "stream" else ""
+            print0(f"step {step}/{max_steps} loss {loss_sum:.4f} lr {lr:.2e} gnorm {gnorm:.2f} {cls} tok/s {tokens / dt:.0f}")
+            rec["tok_per_s"] = tokens / dt
+            t_last, tokens = time.time(), 0
+        if (args.eval_every and step % args.eval_every == 0) or step == max_steps:
+            ev = evaluate()
+            if ev:
+                rec.update(ev)
+                print0("eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        if log:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        if step % args.save_every == 0 or step == max_steps or step == args.stop_at:
+            save()
+        if step == args.stop_at:
+            print0(f"stopped at step {step} (--stop_at): continue with --resume")
+            break
+    if ckpt and state["step"] >= max_steps:
+        print0(f"nothing to do: {args.out} is at step {step} of {max_steps}")
+
+
+if __name__ == "__main__":
+    main(get_args())
