@@ -165,10 +165,13 @@ def smart_resize(h, w, factor=28, min_pixels=3136, max_pixels=100352):
     return hb, wb
 
 
-def load_video(path, fps=1.0, duration=None, factor=28, min_pixels=3136, max_pixels=100352):
-    """Decode frames at `fps`: frame k is the frame shown at time k/fps, for every k/fps < duration.
-    Frames are resized while decoding to the size the processor will use, so a 1080p video never
-    exists in memory at full size. Returns (uint8 array (K, H, W, 3), times (K,))."""
+def load_video(path, fps=1.0, duration=None, factor=28, min_pixels=3136, max_pixels=100352, frames_per_turn=1):
+    """Decode the frames of every turn: frame k is the frame shown at time k/fps, for every k/fps <
+    duration (SPEC section 1). With frames_per_turn = 2 (ours, the tiny models) turn k also gets the
+    frame half a turn earlier, k/fps - 0.5/fps (clamped at 0): the two form one temporal patch of the
+    ViT, as Qwen's 2-fps video does, so a change shows inside the turn's own visual tokens. Frames are
+    resized while decoding to the size the processor will use, so a 1080p video never exists in memory
+    at full size. Returns (uint8 array (K, frames_per_turn, H, W, 3), decision-free times k/fps (K,))."""
     vr = _reader(path)
     n, vfps = len(vr), vr.get_avg_fps()
     if n == 0 or not vfps or vfps <= 0:
@@ -180,12 +183,14 @@ def load_video(path, fps=1.0, duration=None, factor=28, min_pixels=3136, max_pix
     duration = n / vfps if duration is None else duration
     K = max(1, math.ceil(duration * fps - 1e-9))
     times = np.arange(K) / fps
-    idx = np.minimum(np.floor(times * vfps + 1e-6).astype(int), n - 1)
+    at = np.maximum(times[:, None] - np.arange(frames_per_turn - 1, -1, -1)[None] / (frames_per_turn * fps), 0)
+    idx = np.minimum(np.floor(at * vfps + 1e-6).astype(int), n - 1)
+    uniq, inv = np.unique(idx, return_inverse=True)
     try:
-        frames = vr.get_batch(idx.tolist()).asnumpy()
+        frames = vr.get_batch(uniq.tolist()).asnumpy()
     except Exception as e:
         raise VideoError(f"{path}: decoding failed ({str(e).splitlines()[0][:200]})") from None
-    return frames, times
+    return frames[inv.reshape(idx.shape)], times
 
 
 # -----------------------------------------------------------------------------
@@ -268,8 +273,8 @@ class ChatFormat:
     boundaries are special tokens, so this equals tokenising the whole rendered conversation, and
     infer.py / grpo.py can append one turn at a time with the very same ids."""
 
-    def __init__(self, processor):
-        self.processor, self.tok = processor, processor.tokenizer
+    def __init__(self, processor, frames_per_turn=1):
+        self.processor, self.tok, self.frames_per_turn = processor, processor.tokenizer, frames_per_turn
         S, A, B, C, D, E = (f"\x02{c}\x03" for c in "SABCDE")
         sys_msg = {"role": "system", "content": [{"type": "text", "text": S}]}
 
@@ -304,6 +309,10 @@ class ChatFormat:
         self.merge = processor.image_processor.merge_size
         self.factor = processor.image_processor.patch_size * self.merge  # frame sides are multiples of this
 
+    def video(self, path, fps=1.0, duration=None):
+        """The frame chunks of every turn of a video, sized for this processor (load_video)."""
+        return load_video(path, fps, duration, self.factor, frames_per_turn=self.frames_per_turn)
+
     def ids(self, text):
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
@@ -324,14 +333,29 @@ class ChatFormat:
         """Assistant content + end-of-turn token (supervised) and the tail after it (not supervised)."""
         return self.ids(content) + [self.eos_id], list(self.asst_close_tail)
 
-    def images(self, frames):
-        """uint8 frames (K, H, W, 3) -> pixel_values, image_grid_thw, tokens per image."""
-        out = self.processor.image_processor(images=list(frames), return_tensors="pt")
-        grid = out["image_grid_thw"]
-        return out["pixel_values"], grid, (grid.prod(-1) // self.merge**2).tolist()
+    def images(self, chunks):
+        """uint8 chunks (K, n, H, W, 3), n = 1 or 2 frames each (or single frames (K, H, W, 3)) ->
+        pixel_values, image_grid_thw, tokens per chunk. Each chunk is one image placeholder: the
+        processor repeats a still image over the ViT's temporal patch of 2; a 2-frame chunk puts its
+        frames in the two temporal slots instead (what Qwen's video processor does with 2 frames, done
+        here because that processor needs torchvision)."""
+        chunks = chunks[:, None] if chunks.ndim == 4 else chunks
+        ip = self.processor.image_processor
+        out = ip(images=list(chunks[:, -1]), return_tensors="pt")
+        pv, grid = out["pixel_values"], out["image_grid_thw"]
+        if chunks.shape[1] == 2:  # each patch row is laid out (channel, time, y, x)
+            first = ip(images=list(chunks[:, 0]), return_tensors="pt")["pixel_values"]
+            shape = (-1, 3, ip.temporal_patch_size, ip.patch_size, ip.patch_size)
+            pv = pv.view(shape).clone()
+            pv[:, :, 0] = first.view(shape)[:, :, 0]
+            pv = pv.flatten(1)
+        return pv, grid, (grid.prod(-1) // self.merge**2).tolist()
 
     def encode_single(self, frames, prompt, answer, system="You are a helpful assistant."):
-        """A single-turn example (the offline stage's perception pairs): frames + prompt -> answer."""
+        """A single-turn example (the offline stage's perception pairs): 1 or 2 frames + prompt ->
+        answer. The frames are separate images, or with 2-frame turns one chunk (a still frame twice)."""
+        if self.frames_per_turn == 2:
+            frames = frames[None, [0, -1]]
         pixel_values, grid, n_img = self.images(frames)
         ids = self.system_ids(system) + self.user_ids("", n_img, prompt)
         a, tail = self.assistant_ids(answer)
@@ -466,9 +490,10 @@ if __name__ == "__main__":
         ensure_synthetic(a.data)
         samples = load_annotations(os.path.join(a.data, f"{a.split}.jsonl"))
         s = samples[a.show]
-        processor = M.Processor.from_pretrained(a.model or M.ensure_tiny())
-        fmt = ChatFormat(processor)
-        frames, _ = load_video(s["video_path"], a.fps, s["duration"], fmt.factor)
+        path = a.model or M.ensure_tiny()
+        processor = M.Processor.from_pretrained(path)
+        fmt = ChatFormat(processor, M.frames_per_turn(path))
+        frames, _ = fmt.video(s["video_path"], a.fps, s["duration"])
         print(f"{s['id']}  task {s['task']}  level {s.get('level')}  query_time {s['query_time']}  duration {s['duration']}")
         for ans in s["answers"]:
             when = f"t={ans['time']}" if "time" in ans else f"[{ans['start']}, {ans['end']}]"

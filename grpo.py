@@ -76,7 +76,7 @@ def get_args(argv=None):
     g.add_argument("--api-key-env", dest="api_key_env", default="OPENAI_API_KEY")
     g.add_argument("--judge-concurrency", dest="judge_concurrency", type=int, default=16)
     g = p.add_argument_group("policy update (SPEC section 2)")
-    g.add_argument("--lr", type=float, default=1e-4, help="paper 1e-6 for 3B/4B; the tiny model needs more")
+    g.add_argument("--lr", type=float, default=3e-4, help="paper 1e-6 for 3B/4B; the tiny model needs more")
     g.add_argument("--warmup", type=int, default=0)
     g.add_argument("--min_lr_ratio", type=float, default=1.0)
     g.add_argument("--eps", type=float, default=0.2, help="clip below: 1 - eps")
@@ -89,7 +89,7 @@ def get_args(argv=None):
     g.add_argument("--grad_clip", type=float, default=1.0)
     g.add_argument("--batch", type=int, default=4, help="videos per step, all ranks together (paper: 16)")
     g.add_argument("--micro_batch", type=int, default=4, help="trajectory segments per forward pass")
-    g.add_argument("--max_steps", type=int, default=60, help="0 = --epochs over the data")
+    g.add_argument("--max_steps", type=int, default=150, help="0 = --epochs over the data")
     g.add_argument("--epochs", type=float, default=1.0)
     g.add_argument("--stop_at", type=int, default=0, help="save and exit after this step; --resume goes on")
     g.add_argument("--seed", type=int, default=0)
@@ -97,9 +97,9 @@ def get_args(argv=None):
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--fsdp", action="store_true")
     g.add_argument("--grad_ckpt", action="store_true")
-    g.add_argument("--eval_every", type=int, default=30)
+    g.add_argument("--eval_every", type=int, default=50)
     g.add_argument("--eval_samples", type=int, default=60)
-    g.add_argument("--save_every", type=int, default=30)
+    g.add_argument("--save_every", type=int, default=50)
     g.add_argument("--log_every", type=int, default=1)
     args = p.parse_args(argv)
     if args.preset:
@@ -210,12 +210,18 @@ def sequences(traj):
     return out
 
 
-def token_logp(model, batch, T):
-    """log pi(token) of every next token of a right-padded batch, at sampling temperature T."""
+def token_logp(model, batch, T, never=None):
+    """log pi(token) of every next token of a right-padded batch: the distribution the Sampler draws
+    from (temperature T, the `never` ids masked out)."""
     out = model(input_ids=batch["ids"], attention_mask=batch["mask"], mm_token_type_ids=batch["types"],
                 pixel_values=batch["pv"], image_grid_thw=batch["grid"])
     logits = out.logits[:, :-1].float() / T
-    return torch.log_softmax(logits, -1).gather(-1, batch["ids"][:, 1:, None])[..., 0]
+    if never is not None:
+        logits = logits.masked_fill(never.to(logits.device), -float("inf"))
+    logp = torch.log_softmax(logits, -1).gather(-1, batch["ids"][:, 1:, None])[..., 0]
+    # only the trained positions matter; the others may hold a masked id (an image placeholder) at -inf,
+    # which would turn the ratio exp(logp - logp) into nan
+    return logp.masked_fill(batch["train"] == 0, 0.0)
 
 
 def collate_seqs(seqs, pad_id, image_token_id, device):
@@ -272,7 +278,7 @@ def main(args):
     ckpt = M.latest(args.out) if args.resume else None
     ckpt = ckpt if ckpt and os.path.isfile(os.path.join(ckpt, "trainer_state.pt")) else None
     model, processor = M.load(ckpt or start, device=device)
-    fmt = data.ChatFormat(processor)
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
     levels = [int(x) for x in args.levels.split(",")] if args.levels else None
     pick = lambda ss: [s for s in ss if levels is None or s.get("level", levels[0]) in levels]
     train = rewards.load_rubrics(args.data, pick(data.load_annotations(args.data)))
@@ -281,7 +287,7 @@ def main(args):
 
     def frames_of(s):
         if s["id"] not in cache:
-            cache[s["id"]] = data.load_video(s["video_path"], args.fps, s["duration"], fmt.factor)[0]
+            cache[s["id"]] = fmt.video(s["video_path"], args.fps, s["duration"])[0]
         return cache[s["id"]]
 
     if args.judge == "http":
@@ -297,6 +303,7 @@ def main(args):
         ref.eval().requires_grad_(False)
     engine = VLLMRollout(start, fmt, args, rank) if args.backend == "vllm" else None
     max_steps = args.max_steps or math.ceil(args.epochs * len(train) / args.batch)
+    never = M.vocab_mask(model, processor.tokenizer)  # ids the policy never emits (sampling and training agree)
     dmodel = wrap(model, args, ddp, device)
     params = [p for p in dmodel.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=device.startswith("cuda"))
@@ -385,7 +392,7 @@ def main(args):
                 continue
             b = collate_seqs(micro[j], fmt.tok.pad_token_id, fmt.image_token_id, device)
             with autocast:
-                logp = token_logp(dmodel, b, args.temperature)
+                logp = token_logp(dmodel, b, args.temperature, never)
             # one update per rollout batch: pi_old = pi_theta (detached), so rho = 1 with the policy gradient
             diff = (logp.detach() - b["old"]) * b["train"]  # trainer vs sampler log-probs of the sampled tokens
             gap += diff.abs().sum().item() / n_train
@@ -397,7 +404,7 @@ def main(args):
             tok = clipped_token_loss(logp, logp.detach(), b["adv"], args.eps, args.eps_high, weight)
             if ref is not None:
                 with torch.no_grad():
-                    ref_logp = token_logp(ref, b, args.temperature)
+                    ref_logp = token_logp(ref, b, args.temperature, never)
                 kl = k3(logp, ref_logp)
                 tok = tok + args.kl * kl
                 kl_sum += (kl * b["train"]).sum().item() / n_train
@@ -450,6 +457,8 @@ class VLLMRollout:
         self.llm = LLM(model=path, distributed_executor_backend="external_launcher", enable_sleep_mode=True,
                        enable_prefix_caching=True, gpu_memory_utilization=0.35, seed=args.seed + rank,
                        limit_mm_per_prompt={"image": args.window + args.chunk + 1}, max_model_len=32768)
+        if fmt.frames_per_turn != 1:
+            raise SystemExit("the vLLM backend sends one image per turn: it does not support 2-frame turns (tiny models)")
         self.fmt, self.args = fmt, args
         self.sleep()
 
@@ -498,7 +507,7 @@ class VLLMRollout:
                 pv, grid, n_img = fmt.images(frames[k][None])
                 question = s["question"] if k == q else None
                 r = {"user": fmt.user_ids(data.time_marker(k, a.fps), n_img[0], question), "pv": pv, "grid": grid,
-                     "question": question is not None, "frame": frames[k], "short": fmt.user_ids(data.time_marker(k, a.fps), 1, question)}
+                     "question": question is not None, "frame": frames[k][-1], "short": fmt.user_ids(data.time_marker(k, a.fps), 1, question)}
                 ctx[b].append(r)
                 segs[b][-1]["turns"].append(r)
                 if k < q:  # forced silence before the question, not trained

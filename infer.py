@@ -311,7 +311,7 @@ def predict_file(args):
     os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
     if todo:
         model, processor = load_model(args, device)
-        fmt = data.ChatFormat(processor)
+        fmt = data.ChatFormat(processor, M.frames_per_turn(model))
         run_batches(model, fmt, todo, args, shard, rank)
     if ddp:
         dist.barrier()
@@ -341,7 +341,7 @@ def run_batches(model, fmt, todo, args, path, rank=0):
             batch = []
             for s in todo[i:i + args.streams]:
                 try:
-                    frames, _ = data.load_video(s["video_path"], args.fps, s.get("duration"), fmt.factor)
+                    frames, _ = fmt.video(s["video_path"], args.fps, s.get("duration"))
                     batch.append((s, frames))
                 except data.VideoError as e:
                     print(f"sample {s['id']}: {e}", file=sys.stderr)
@@ -378,14 +378,16 @@ def vllm_predict(args):
     llm = LLM(model=args.model, enable_prefix_caching=True, max_model_len=32768,
               limit_mm_per_prompt={"image": args.window + args.chunk + 1}, gpu_memory_utilization=0.85)
     tok = llm.get_tokenizer()
-    fmt = data.ChatFormat(M.Processor.from_pretrained(args.model))
+    fmt = data.ChatFormat(M.Processor.from_pretrained(args.model), M.frames_per_turn(args.model))
+    if fmt.frames_per_turn != 1:
+        sys.exit("the vLLM backend sends one image per turn: it does not support 2-frame turns (tiny models)")
     dec_ids = {t: tok.convert_tokens_to_ids(t) for t in data.STATES[args.states]}
     first = SamplingParams(max_tokens=1, temperature=0, logprobs=20)
     rest = SamplingParams(max_tokens=args.max_new, temperature=0, stop_token_ids=[fmt.eos_id], skip_special_tokens=False)
     system = data.build_conversation(samples[0], 1, states=args.states)["system"] if samples else ""
     with open(args.out, "a") as f:
         for i in range(0, len(samples), args.streams):
-            batch = [(s, data.load_video(s["video_path"], args.fps, s.get("duration"), fmt.factor)[0]) for s in samples[i:i + args.streams]]
+            batch = [(s, fmt.video(s["video_path"], args.fps, s.get("duration"))[0][:, 0]) for s in samples[i:i + args.streams]]
             hist = [[] for _ in batch]  # per stream: (user text, image, assistant text) of every turn
             outs = [{"responses": [], "p_response": []} for _ in batch]
             for k in range(max(len(fr) for _, fr in batch)):
@@ -435,9 +437,9 @@ def speed(args):
     path = M.latest(args.model or "") or M.ensure_tiny()
     model, processor = M.load(path)
     model.eval()
-    fmt = data.ChatFormat(processor)
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
     rng = np.random.default_rng(0)
-    frames = rng.integers(0, 255, (args.speed_turns, 56, 56, 3), dtype=np.uint8)
+    frames = rng.integers(0, 255, (args.speed_turns, fmt.frames_per_turn, 56, 56, 3), dtype=np.uint8)
     silence = [fmt.decision_ids[data.SILENCE], fmt.eos_id]
 
     def incremental(window, chunk):
@@ -536,8 +538,8 @@ def watch(args):
         sys.exit("--video needs --question")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = load_model(args, device)
-    fmt = data.ChatFormat(processor)
-    frames, _ = data.load_video(args.video, args.fps, None, fmt.factor)
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+    frames, _ = fmt.video(args.video, args.fps)
     sample = {"id": os.path.basename(args.video), "question": args.question, "query_time": args.ask_at, "answers": []}
     print(f"{args.video}: {len(frames)} s at {args.fps:g} fps; question at {args.ask_at:g}s: {args.question}")
     start = time.time()

@@ -70,8 +70,11 @@ def load(path, dtype=torch.float32, device="cpu", attn="sdpa", freeze_vision=Tru
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
     add_decision_tokens(model, processor.tokenizer)
     if freeze_vision:  # the ViT stays frozen; the merger (projector) and the LLM are trained
+        # (ours) except a tiny model's projector, which is random: Adam's steps on it (even at 1e-4)
+        # scrambled the visual tokens faster than the LM learned to read them (README: tiny models)
+        tiny = getattr(model.config, "streampro_tiny", False)
         for name, p in model.model.visual.named_parameters():
-            p.requires_grad = "merger" in name
+            p.requires_grad = "merger" in name and not tiny
     return model, processor
 
 
@@ -92,6 +95,15 @@ def add_decision_tokens(model, tok):
         ids = tok.convert_tokens_to_ids(new)
         for e in {model.get_input_embeddings(), model.get_output_embeddings()}:
             e.weight[ids] = e.weight[:n_old].mean(0)
+
+
+def frames_per_turn(model_or_path):
+    """Frames in one turn's visual chunk, as the model was built and trained (data.load_video): 1 for
+    the paper's models, 2 for the tiny ones (ours, see there)."""
+    if isinstance(model_or_path, str):
+        with open(os.path.join(model_or_path, "config.json")) as f:
+            return json.load(f).get("streampro_frames_per_turn", 1)
+    return getattr(unwrap(model_or_path).config, "streampro_frames_per_turn", 1)
 
 
 def unwrap(model):
@@ -154,10 +166,16 @@ def set_optimizer_state(model, optimizer, state):
 
 
 def vocab_mask(model, tok):
-    """True for embedding rows that are not real tokens (padding rows): never sample them."""
+    """True for the ids a policy must never emit: embedding rows beyond the tokenizer (padding) and
+    special tokens (vision placeholders, <|im_start|>, ...), except the decision tokens and the end
+    of turn. A sampled <|image_pad|> would even break the rope index of the turns after it."""
     V = model.get_output_embeddings().weight.shape[0]
     m = torch.zeros(V, dtype=torch.bool)
     m[len(tok):] = True
+    keep = set(tok.convert_tokens_to_ids(list(DECISION_TOKENS) + ["<|im_end|>"]))
+    for i, t in tok.added_tokens_decoder.items():
+        if t.special and i not in keep and i < V:
+            m[i] = True
     return m
 
 
@@ -237,6 +255,9 @@ def build_tiny(family="qwen2_5_vl", out="out/tiny-qwen2_5_vl", seed=0, hidden=12
     else:
         raise ValueError(f"unknown family {family!r}: qwen2_5_vl or qwen3_vl")
     config.streampro_tiny = True  # sft.py keeps a tiny model's random projector frozen (see there)
+    # (ours) 2-frame turns: a one-frame turn left the tiny LM to find a change by comparing two turns'
+    # visual tokens 30 tokens apart, which it did not learn within the CPU budget (README)
+    config.streampro_frames_per_turn = 2
     model = M(config)
     image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
                                                size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})

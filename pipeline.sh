@@ -31,16 +31,14 @@ run_seed() {
 start=$(date +%s)
 python data.py --show 0 > /dev/null  # generates data/synthetic and the tiny model on first use
 for b in oracle silent every-turn random; do python bench.py --baseline "$b" > /dev/null; done
-if [ ${#seeds[@]} -eq 1 ]; then
-  run_seed "${seeds[0]}"
-else
-  export OMP_NUM_THREADS=1  # two seeds side by side, one core each
-  for ((i = 0; i < ${#seeds[@]}; i += 2)); do
-    pids=()
-    for s in "${seeds[@]:i:2}"; do run_seed "$s" > "out/seed$s.log" 2>&1 & pids+=($!); done
-    for p in "${pids[@]}"; do wait "$p"; done
-  done
-fi
+mkdir -p out
+for ((i = 0; i < ${#seeds[@]}; i += 2)); do  # two seeds side by side, one core each; a seed alone gets both
+  pair=("${seeds[@]:i:2}")
+  if [ ${#pair[@]} -eq 1 ]; then run_seed "${pair[0]}" 2>&1 | tee "out/seed${pair[0]}.log"; continue; fi
+  pids=()
+  for s in "${pair[@]}"; do (export OMP_NUM_THREADS=1; run_seed "$s") > "out/seed$s.log" 2>&1 & pids+=($!); done
+  for p in "${pids[@]}"; do wait "$p"; done
+done
 dirs=(); for s in "${seeds[@]}"; do dirs+=("out/seed$s"); done
 python bench.py --table "${dirs[@]}" | tee out/results.md
 log "done in $(( ($(date +%s) - start) / 60 )) min; seeds ${seeds[*]}; table in out/results.md"

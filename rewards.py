@@ -176,6 +176,11 @@ class OfflineEvaluator:
         reported = [i for _, i, _ in got if i is not None]
         rank = {i: k for k, i in enumerate(sorted(range(len(gts)), key=lambda i: (answer_end(gts[i]), i)))}
         kind = c["type"]
+        if gts and not covered and kind not in ("covers", "covers_all"):
+            # (ours) a trajectory that reports none of the expected events earns nothing: "no hallucination",
+            # "no repeats", "in order"... hold vacuously for silence, and crediting them made GRPO on the tiny
+            # model learn to stay silent (README). Samples with nothing to report keep their silence items.
+            return 0
         if kind == "covers":
             ok = c["answer"] in covered
         elif kind == "covers_all":

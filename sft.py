@@ -76,7 +76,7 @@ def get_args(argv=None):
     g.add_argument("--grad_clip", type=float, default=1.0)
     g.add_argument("--batch", type=int, default=8, help="conversations per optimisation step, all ranks together")
     g.add_argument("--micro_batch", type=int, default=4, help="conversations per forward pass per rank")
-    g.add_argument("--max_steps", type=int, default=240, help="0 = run --epochs")
+    g.add_argument("--max_steps", type=int, default=300, help="0 = run --epochs")
     g.add_argument("--epochs", type=float, default=1.0)
     g.add_argument("--stop_at", type=int, default=0, help="save and exit after this step (to fit a job slot); --resume goes on")
     g.add_argument("--seed", type=int, default=0)
@@ -86,8 +86,8 @@ def get_args(argv=None):
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing")
     g.add_argument("--train_vision", action="store_true", help="train the ViT too (both papers freeze it)")
     g.add_argument("--projector_lr", type=float, default=None,
-                   help="learning rate of the vision-language projector (default: --lr; 0 for the tiny models)")
-    g.add_argument("--eval_every", type=int, default=120)
+                   help="learning rate of the vision-language projector (default: --lr; the tiny models keep theirs frozen)")
+    g.add_argument("--eval_every", type=int, default=150)
     g.add_argument("--eval_samples", type=int, default=60)
     g.add_argument("--save_every", type=int, default=60)
     g.add_argument("--log_every", type=int, default=10)
@@ -147,7 +147,7 @@ class StreamData:
         if s["id"] in self.cache:
             self.cache.move_to_end(s["id"])
             return self.cache[s["id"]]
-        f, _ = data.load_video(s["video_path"], self.args.fps, s["duration"], self.fmt.factor)
+        f, _ = self.fmt.video(s["video_path"], self.args.fps, s["duration"])
         self.cache[s["id"]], self.cache_bytes = f, self.cache_bytes + f.nbytes
         while self.cache_bytes > self.args.cache_gb * 2**30:
             self.cache_bytes -= self.cache.popitem(last=False)[1].nbytes
@@ -357,7 +357,7 @@ def run(args, ddp, rank, world, device):
         print0(f"{args.out} exists: offline stage skipped (delete it or pass --resume to continue)")
         return
     model, processor = M.load(ckpt or args.model, device=device, freeze_vision=not args.train_vision)
-    fmt = data.ChatFormat(processor)
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
     pad_id = processor.tokenizer.pad_token_id
     decision_ids = [fmt.decision_ids[t] for t in data.STATES[args.states]]
     levels = [int(x) for x in args.levels.split(",")] if args.levels else None
@@ -370,11 +370,7 @@ def run(args, ddp, rank, world, device):
         max_steps = args.max_steps
     if args.stage == "offline" and not ckpt:
         center_projector(model, fmt, args.seed)
-    proj_lr = args.projector_lr
-    if proj_lr is None:
-        # (ours) a tiny model's projector is random: Adam's steps on it (even at 1e-4) scrambled the
-        # visual tokens faster than the LM learned to read them (val AUC 0.80 vs 0.99 frozen, README)
-        proj_lr = 0.0 if getattr(model.config, "streampro_tiny", False) else args.lr
+    proj_lr = args.lr if args.projector_lr is None else args.projector_lr  # (a tiny model's stays frozen: model.load)
     if proj_lr == 0:
         for p in model.model.visual.merger.parameters():
             p.requires_grad = False
@@ -463,6 +459,7 @@ def run(args, ddp, rank, world, device):
             if ev:
                 rec.update(ev)
                 print0("eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            t_last = time.time()  # throughput counts training only
         if log:
             log.write(json.dumps(rec) + "\n")
             log.flush()
