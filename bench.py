@@ -412,7 +412,7 @@ def main(argv=None):
     if args.time_scoring:
         return time_scoring(args.time_scoring, args.seed)
     if args.table:
-        text = results_table(args.table)
+        text = results_table(args.table, os.path.splitext(os.path.basename(args.ann or DEFAULT_ANN))[0])
         print(text)
         return text
     if args.from_ovo:

@@ -492,6 +492,7 @@ if __name__ == "__main__":
         s = samples[a.show]
         path = a.model or M.ensure_tiny()
         processor = M.Processor.from_pretrained(path)
+        M.add_decision_tokens(None, processor.tokenizer)
         fmt = ChatFormat(processor, M.frames_per_turn(path))
         frames, _ = fmt.video(s["video_path"], a.fps, s["duration"])
         print(f"{s['id']}  task {s['task']}  level {s.get('level')}  query_time {s['query_time']}  duration {s['duration']}")

@@ -154,7 +154,7 @@ class Sampler(infer.Greedy):
         self.quiet = {fmt.decision_ids[data.SILENCE], fmt.decision_ids[data.STANDBY], fmt.eos_id}
 
     def _sample(self, logits):
-        lp = torch.log_softmax(logits.masked_fill(self.text_mask, -float("inf")) / self.T, -1)
+        lp = torch.log_softmax(logits.masked_fill(self.never, -float("inf")) / self.T, -1)
         t = int(torch.multinomial(lp.exp().cpu(), 1, generator=self.gen))
         return t, float(lp[t])
 

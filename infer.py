@@ -164,11 +164,10 @@ class Greedy:
     second, so the choice is among the decision tokens of the format), or </Response> whenever
     p(</Response>) >= threshold; the answer text is greedy. `silent` rows are forced to stay silent."""
 
-    def __init__(self, fmt, states=2, threshold=None, max_new=64, vocab=None):
-        self.fmt, self.threshold, self.max_new = fmt, threshold, max_new
+    def __init__(self, fmt, states=2, threshold=None, max_new=64, never=None):
+        self.fmt, self.threshold, self.max_new, self.never = fmt, threshold, max_new, never  # never: model.vocab_mask
         self.dec = [fmt.decision_ids[t] for t in data.STATES[states]]
         self.rsp, self.sil = fmt.decision_ids[data.RESPONSE], fmt.decision_ids[data.SILENCE]
-        self.text_mask = None if vocab is None else vocab
 
     def first(self, logits, b, silent=False):
         if silent:
@@ -181,8 +180,8 @@ class Greedy:
     def next(self, logits, b):
         logits = logits.clone()
         logits[list(self.fmt.decision_ids.values())] = -float("inf")  # no decision token inside an answer
-        if self.text_mask is not None:
-            logits[self.text_mask] = -float("inf")
+        if self.never is not None:
+            logits[self.never] = -float("inf")
         return int(logits.argmax()), 0.0
 
     def ends_turn(self, first):
@@ -252,22 +251,24 @@ def run_streams(model, fmt, batch, args, policy=None, on_turn=None):
         logits = S.observe(inputs)
         early = {b for b in rows if k < q[b]} if args.silent_before_question else set()
         if offline:  # before the question the offline model only watches: its turn is a forced "Wait"
-            for b in early:
-                S.end_turn(b, fmt.ids("Wait") + [fmt.eos_id], 0)
-            turns = decode_turn(S, logits, [b for b in rows if b not in early], policy)
+            turns = {b: (fmt.ids("Wait") + [fmt.eos_id], None) for b in early}
+            for b, (content, _) in turns.items():
+                S.end_turn(b, content, 0)
+            turns.update(decode_turn(S, logits, [b for b in rows if b not in early], policy))
         else:
             turns = decode_turn(S, logits, rows, policy, silent=early)
         probs = torch.softmax(logits, -1)[:, rsp].tolist()
-        for b, (content, _) in turns.items():
+        for b in rows:
+            content = turns[b][0]
             t = round((k + 1) / args.fps, 6)  # the decision time of turn k
             if offline:
                 text = fmt.tok.decode(content, skip_special_tokens=True).strip()
-                said = text.strip(" .!").lower() != "wait" and text != ""
+                dec = data.RESPONSE if text.strip(" .!").lower() not in ("wait", "") else data.SILENCE
             else:
                 dec, text = response_text(fmt, content)
-                said = dec == data.RESPONSE
+            said = dec == data.RESPONSE
             out[b]["p_response"].append(round(probs[b], 5))
-            out[b]["decisions"].append(data.RESPONSE if said else (dec if not offline and dec in data.DECISION_TOKENS else data.SILENCE))
+            out[b]["decisions"].append(dec or data.SILENCE)  # a malformed turn counts as silence
             if said:
                 out[b]["responses"].append({"time": t, "text": text})
                 if on_turn:

@@ -88,6 +88,8 @@ def add_decision_tokens(model, tok):
         return
     n_old = len(tok)
     tok.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    if model is None:  # a tokenizer alone (data.py --show)
+        return
     emb = model.get_input_embeddings()
     if len(tok) > emb.weight.shape[0]:
         model.resize_token_embeddings(len(tok), mean_resizing=False)

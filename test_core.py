@@ -7,6 +7,8 @@ random models, nothing downloaded.
 """
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -38,6 +40,12 @@ def write_jsonl(path, rows):
         for r in rows:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return str(path)
+
+
+def run_py(*cmd, env=None):
+    r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
 
 
 def sample(answers, query_time=0.0, duration=10.0, task="OU"):
@@ -187,6 +195,11 @@ def test_synthetic_splits_cover_all_tasks_and_are_deterministic(synth, tmp_path)
     again = synthetic.generate(str(tmp_path), n_train=0, n_val=0, n_test=21, levels=(0, 1, 2), workers=1, max_dur=24)
     assert [json.loads(json.dumps(r)) for r in again] == rows
     assert open(tmp_path / "videos" / "test-00003.mp4", "rb").read() == open(synth / "videos" / "test-00003.mp4", "rb").read()
+
+
+def test_show_cli(tiny, synth):
+    out = run_py("data.py", "--show", "1", "--data", str(synth), "--model", tiny["qwen2_5_vl"])
+    assert "turn   0 " in out and "[img x4]" in out and "\u27e6</Silence>\u27e7" in out and "supervised" in out
 
 
 def test_perception_pairs():
@@ -1151,6 +1164,24 @@ def test_incremental_decoding_equals_reencoding_every_turn(trained, synth):
     assert responses == out[0]["responses"] and len(responses) > 0
 
 
+def test_offline_model_wait_protocol(tiny, synth):
+    """An instruction model without decision tokens: the Wait decision tree (SPEC 3); any reply other
+    than Wait is a response, turns before the question are a forced Wait."""
+    model, processor = M.load(tiny["qwen2_5_vl"])
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+    s = next(x for x in data.load_annotations(str(synth / "test.jsonl")) if x["query_time"] > 0)
+    frames, _ = fmt.video(s["video_path"])
+    out, S = infer.run_streams(model, fmt, [(s, frames)], infer.get_args(["--offline-model", tiny["qwen2_5_vl"], "--max-new", "4"]))
+    q = data.question_turn(s["query_time"])
+    assert "reply Wait" in fmt.tok.decode(S.system) and len(out[0]["p_response"]) == len(out[0]["decisions"]) == len(frames)
+    turns = [r for seg in S.segments[0] for r in seg["turns"]]
+    assert all(r["content"] == fmt.ids("Wait") + [fmt.eos_id] for r in turns[:q])
+    texts = [fmt.tok.decode(r["content"], skip_special_tokens=True).strip() for r in turns]
+    said = [{"time": float(k + 1), "text": x} for k, x in enumerate(texts) if k >= q and x.strip(" .!").lower() not in ("wait", "")]
+    assert out[0]["responses"] == said
+    assert [d == data.RESPONSE for d in out[0]["decisions"]] == [any(r["time"] == k + 1 for r in said) for k in range(len(frames))]
+
+
 def test_predict_file_resumes_and_survives_a_bad_video(trained, synth, tmp_path):
     rows = [json.loads(l) for l in open(synth / "test.jsonl")][:4]
     for r in rows:
@@ -1177,8 +1208,6 @@ def test_predict_file_resumes_and_survives_a_bad_video(trained, synth, tmp_path)
 # -----------------------------------------------------------------------------
 # SFT runs (sft.py): the imbalance effect, the offline stage, 1 vs 2 processes, resume
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 
 def sft_args(tiny, synth, out, *extra):
@@ -1224,12 +1253,6 @@ def test_offline_stage_learns_to_see(tiny, tmp_path):
     model, processor = M.load(str(out))
     acc = sft.eval_offline(model, data.ChatFormat(processor, M.frames_per_turn(model)), 64, seed=12345, device="cpu")
     assert acc["colour_acc"] > 0.5, acc  # chance: a quarter for one shape, a sixteenth for two
-
-
-def run_py(*cmd, env=None):
-    r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r.stdout
 
 
 @pytest.mark.slow
@@ -1387,3 +1410,25 @@ def test_vllm_backend_samples_from_pushed_weights(trained, synth, monkeypatch):
     engine.sync_weights(model)
     after = engine.rollout([(s, frames)])[0]
     assert len(after["responses"]) == after["n_turns"] > len(before["responses"])
+
+
+def test_bench_model_calibrate_and_table(trained, synth, tmp_path):
+    import shutil
+    run = tmp_path / "seed0"
+    shutil.copytree(trained, run / "sft-ce")
+    ann, val = str(synth / "test.jsonl"), str(synth / "val.jsonl")
+    res = bench.main(["--model", str(run / "sft-ce"), "--ann", ann])
+    assert os.path.isfile(run / "sft-ce" / "preds-test.jsonl") and 0 <= res["summary"]["auc"] <= 1
+    assert set(res["summary"]["levels"]) == {0, 1, 2} and res["summary"]["n"] == 21
+    tuned = bench.main(["--model", str(run / "sft-ce"), "--ann", ann, "--calibrate", val])
+    assert "-t" in tuned["preds"] and os.path.isfile(run / "sft-ce" / "preds-val.jsonl")
+    table = bench.main(["--table", str(run), "--ann", ann])
+    rows = table.splitlines()
+    assert rows[0].startswith("| model | PU") and rows[2].startswith("| CE |") and rows[3].startswith("| CE, threshold tuned on val |")
+    assert f"{100 * res['summary']['w_avg']:.1f}" in rows[2]
+
+
+def test_best_threshold_by_hand():
+    # sorted by p: .9(+) .8(-) .3(+) .2(-); respond to the top k: F1 = 2TP / (k + 2) = 2/3, 1/2, 4/5, 2/3 -> 0.3
+    assert bench.best_threshold([0.2, 0.9, 0.3, 0.8], [0, 1, 1, 0]) == 0.3
+    assert bench.best_threshold([0.5, 0.5, 0.1], [1, 0, 0]) == 0.5  # ties go together: k = 2 (F1 2/3) beats k = 3 (1/2)
