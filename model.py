@@ -66,6 +66,9 @@ class Processor:
 
 def load(path, dtype=torch.float32, device="cpu", attn="sdpa", freeze_vision=True,
          min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or os.path.isdir(os.path.dirname(path) or ".")):
+        # a local path that is not there (a hub id would be "org/name"): say so now, not after hub retries
+        raise FileNotFoundError(f"{path}: no such model directory")
     processor = Processor.from_pretrained(path, min_pixels, max_pixels)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
     add_decision_tokens(model, processor.tokenizer)

@@ -48,6 +48,16 @@ def run_py(*cmd, env=None):
     return r.stdout
 
 
+def with_broken_video(synth, split, n, bad, tmp_path):
+    """The first n samples of a synthetic split, sample `bad` pointing at a corrupt mp4."""
+    rows = [json.loads(l) for l in open(synth / f"{split}.jsonl")][:n]
+    for r in rows:
+        r["video"] = str(synth / r["video"])
+    (tmp_path / "broken.mp4").write_bytes(b"\x00" * 500)
+    rows[bad]["video"] = str(tmp_path / "broken.mp4")
+    return rows, write_jsonl(tmp_path / "ann.jsonl", rows)
+
+
 def sample(answers, query_time=0.0, duration=10.0, task="OU"):
     return {"id": "s", "video": "v.mp4", "task": task, "question": "Q?", "query_time": query_time,
             "answers": answers, "duration": duration}
@@ -323,6 +333,8 @@ def test_decision_tokens_are_added_as_single_tokens(tiny):
     assert mask[len(tok):].all() and mask[tok.convert_tokens_to_ids("<|image_pad|>")] and mask[tok.convert_tokens_to_ids("<|im_start|>")]
     assert not mask[tok.convert_tokens_to_ids("<|im_end|>")] and not mask[tok.convert_tokens_to_ids(list(data.DECISION_TOKENS))].any()
     assert not mask[tok("red", add_special_tokens=False)["input_ids"]].any()
+    with pytest.raises(FileNotFoundError, match="no such model directory"):  # not a hub lookup with retries
+        M.load(tiny["qwen2_5_vl"] + "-missing")
 
 
 # -----------------------------------------------------------------------------
@@ -1183,12 +1195,7 @@ def test_offline_model_wait_protocol(tiny, synth):
 
 
 def test_predict_file_resumes_and_survives_a_bad_video(trained, synth, tmp_path):
-    rows = [json.loads(l) for l in open(synth / "test.jsonl")][:4]
-    for r in rows:
-        r["video"] = str(synth / r["video"])
-    (tmp_path / "broken.mp4").write_bytes(b"\x00" * 500)
-    rows[2]["video"] = str(tmp_path / "broken.mp4")
-    ann = write_jsonl(tmp_path / "ann.jsonl", rows)
+    rows, ann = with_broken_video(synth, "test", 4, 2, tmp_path)
     out = tmp_path / "preds.jsonl"
     args = infer.get_args(["--model", trained, "--ann", ann, "--out", str(out), "--streams", "2"])
     infer.predict_file(args)
@@ -1278,15 +1285,10 @@ def test_resume_continues_exactly(tiny, synth, tmp_path):
 
 
 def test_bad_sample_is_named_or_skipped(tiny, synth, tmp_path):
-    rows = [json.loads(l) for l in open(synth / "train.jsonl")][:6]
-    for r in rows:
-        r["video"] = str(synth / r["video"])
-    (tmp_path / "bad.mp4").write_bytes(b"\x00" * 300)
-    rows[1]["video"] = str(tmp_path / "bad.mp4")
-    ann = write_jsonl(tmp_path / "ann.jsonl", rows)
+    rows, ann = with_broken_video(synth, "train", 6, 1, tmp_path)
     args = sft_args(tiny, synth, tmp_path / "x", "--max_steps", "2")
     args.data = ann
-    with pytest.raises(SystemExit, match=rf"(?s)sample {rows[1]['id']} .*bad.mp4.*--skip_bad"):
+    with pytest.raises(SystemExit, match=rf"(?s)sample {rows[1]['id']} .*broken.mp4.*--skip_bad"):
         sft.main(args)
     args.skip_bad = True
     sft.main(args)
