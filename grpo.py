@@ -321,8 +321,7 @@ def main(args):
     print0(f"GRPO: {start} -> {args.out}, {len(train)} training videos, G={args.group}, {world} process(es), {max_steps} steps")
     log = None
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        log = open(os.path.join(args.out, "log.jsonl"), "a")
+        log = M.open_log(args.out, step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.startswith("cuda") and args.dtype == "bfloat16" and not args.fsdp) else nullcontext()
 
     def save():
@@ -465,8 +464,9 @@ class VLLMRollout:
     def sync_weights(self, model):
         """Push the policy's weights into vLLM: one small function, the supported API first; then the
         prefix cache is reset so no KV computed with the old weights is reused."""
-        with M.full_params(model):
-            weights = [(k, v.detach()) for k, v in M.unwrap(model).state_dict().items()]
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        # full tensors on every rank (each rank feeds its own engine); a collective under FSDP
+        weights = list(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items())
         if hasattr(self.llm, "apply_model"):  # vLLM >= 0.9
             self.llm.apply_model(lambda m: m.load_weights(weights))
         else:

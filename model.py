@@ -118,17 +118,23 @@ def unwrap(model):
 @contextlib.contextmanager
 def full_params(model):
     """Whole parameters for code that calls submodules directly (infer.py's streaming engine): a
-    no-op for plain and DDP models; under FSDP2 every sharded module is gathered for the duration.
-    The FSDP branch is written for GPUs and has not been run (no GPU here)."""
+    no-op for plain and DDP models; under FSDP2 every sharded module is gathered once for the duration.
+    The layers must not reshard after each forward: ranks run different numbers of forwards (their own
+    streams), and a layer that all-gathers again would wait forever for the other ranks. Run on CPU
+    with gloo (test_torchrun_two_processes_match_one); not run with NCCL on GPUs."""
     from torch.distributed.fsdp import FSDPModule
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in sharded:
+        if m is not model:  # (the root never reshards after forward)
+            m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
     try:
         yield model
     finally:
         for m in sharded:
             m.reshard()
+            if m is not model:
+                m.set_reshard_after_forward(True, recurse=False)
 
 
 def latest(out):
@@ -163,6 +169,25 @@ def save_checkpoint(out, model, processor, optimizer=None, extra=None, rank=0):
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def open_log(out, step):
+    """The run's log.jsonl opened for appending, without the records after `step`: a run resumed from
+    its step-`step` checkpoint redoes those steps, so every step appears once (a fresh run, step 0,
+    starts an empty log; a line cut off by a crash is dropped too)."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "log.jsonl")
+    keep = []
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line.rstrip("\n") + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
 
 
 def set_optimizer_state(model, optimizer, state):

@@ -209,18 +209,21 @@ def eval_stream(dmodel, fmt, val, args, rank, world, device, pad_id, autocast):
     dmodel.eval()
     idx = list(range(min(args.eval_samples, len(val.samples))))[rank::world]
     ce = torch.zeros(2, dtype=torch.float64)
-    for j in range(0, len(idx), args.micro_batch):
-        b = data.collate([val.encode(i) for i in idx[j:j + args.micro_batch]], pad_id)
-        with autocast:
-            logits = dmodel(**{k: v.to(device) for k, v in data.model_inputs(b).items()}).logits[:, :-1].float()
-        y = b["labels"][:, 1:].to(device)
-        ce += torch.tensor([torch.nn.functional.cross_entropy(logits[y != -100], y[y != -100], reduction="sum").item(), (y != -100).sum().item()])
     iargs = infer.get_args(["--states", str(args.states), "--fps", str(args.fps), "--window", str(args.window)])
     judge, rows = metric.OfflineJudge.from_samples(val.samples), []
-    with M.full_params(dmodel):
+    # ranks hold different numbers of samples, so no forward may talk to the other ranks: the whole
+    # model is gathered once and called unwrapped (no DDP hooks, no FSDP all-gather per layer)
+    with M.full_params(dmodel) as model:
+        model = M.unwrap(model)
+        for j in range(0, len(idx), args.micro_batch):
+            b = data.collate([val.encode(i) for i in idx[j:j + args.micro_batch]], pad_id)
+            with autocast:
+                logits = model(**{k: v.to(device) for k, v in data.model_inputs(b).items()}).logits[:, :-1].float()
+            y = b["labels"][:, 1:].to(device)
+            ce += torch.tensor([torch.nn.functional.cross_entropy(logits[y != -100], y[y != -100], reduction="sum").item(), (y != -100).sum().item()])
         for j in range(0, len(idx), iargs.streams):
             batch = [(val.samples[i], val.frames(val.samples[i])) for i in idx[j:j + iargs.streams]]
-            outs, _ = infer.run_streams(M.unwrap(dmodel), fmt, batch, iargs)
+            outs, _ = infer.run_streams(model, fmt, batch, iargs)
             for (s, frames), o in zip(batch, outs):
                 conv = data.build_conversation(s, len(frames), args.fps, args.states)
                 q = conv["q_turn"]
@@ -396,8 +399,7 @@ def run(args, ddp, rank, world, device):
     print0(f"{args.stage} stage: {args.model} -> {args.out}, {n_params / 1e6:.2f} M trainable parameters, {world} process(es), {max_steps} steps")
     log = None
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        log = open(os.path.join(args.out, "log.jsonl"), "a")
+        log = M.open_log(args.out, step)
 
     def evaluate():
         if args.stage == "stream":

@@ -1266,20 +1266,35 @@ def test_offline_stage_learns_to_see(tiny, tmp_path):
 def test_torchrun_two_processes_match_one(tiny, synth, tmp_path):
     common = ["sft.py", "--model", tiny["qwen2_5_vl"], "--data", str(synth / "train.jsonl"), "--val", "", "--levels", "0,1",
               "--batch", "4", "--max_steps", "3", "--lr", "3e-3", "--log_every", "1", "--eval_every", "0"]
+    common += ["--val", str(synth / "val.jsonl"), "--eval_samples", "3"]  # eval at the last step, 2 + 1 samples per rank
     run_py(*common, "--micro_batch", "4", "--out", str(tmp_path / "one"))
     run_py("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common, "--micro_batch", "1", "--out", str(tmp_path / "two"),
            env={"OMP_NUM_THREADS": "1"})
-    one, two = losses_of(tmp_path / "one"), losses_of(tmp_path / "two")
+    run_py("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common, "--micro_batch", "1", "--fsdp",
+           "--out", str(tmp_path / "fsdp"), env={"OMP_NUM_THREADS": "1"})  # FSDP2 on CPU/gloo in fp32 (bf16/NCCL: GPUs only)
+    one, two, fsdp = (losses_of(tmp_path / d) for d in ("one", "two", "fsdp"))
+    val_ce = [json.loads(open(tmp_path / d / "log.jsonl").readlines()[-1])["val_ce"] for d in ("one", "two", "fsdp")]
+    assert np.allclose(val_ce, val_ce[0], rtol=1e-4), val_ce  # the eval's sums are all-reduced over uneven shares
     # same global batch, same class counts, same normaliser: equal up to float summation order (documented 1e-5)
-    assert len(one) == len(two) == 3 and np.allclose(one, two, rtol=1e-5, atol=1e-6), (one, two)
+    assert len(one) == len(two) == len(fsdp) == 3, (one, two, fsdp)
+    assert np.allclose(one, two, rtol=1e-5, atol=1e-6) and np.allclose(one, fsdp, rtol=1e-5, atol=1e-6), (one, two, fsdp)
+    # the FSDP checkpoint is gathered into full tensors and reloads as an ordinary model with the same weights
+    a = M.load(str(tmp_path / "one"))[0].state_dict()
+    b = M.load(str(tmp_path / "fsdp"))[0].state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # full tensors, not rank 0's shard
+    # Adam turns float-noise gradients into updates of up to lr per step, so weights agree to 3 x lr, not 1e-6
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 3 * 3e-3
 
 
 def test_resume_continues_exactly(tiny, synth, tmp_path):
     sft.main(sft_args(tiny, synth, tmp_path / "a", "--max_steps", "4"))
     sft.main(sft_args(tiny, synth, tmp_path / "b", "--max_steps", "4", "--stop_at", "2"))
     assert len(losses_of(tmp_path / "b")) == 2
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # a crash after logging step 3, before its checkpoint
+        f.write(json.dumps({"step": 3, "loss": -1.0}) + '\n{"step": 4, "lo')
     sft.main(sft_args(tiny, synth, tmp_path / "b", "--max_steps", "4", "--resume"))
     a, b = losses_of(tmp_path / "a"), losses_of(tmp_path / "b")
+    assert [json.loads(l)["step"] for l in open(tmp_path / "b" / "log.jsonl")] == [1, 2, 3, 4]  # each step once
     assert len(b) == 4 and np.allclose(a, b, rtol=0, atol=1e-6), (a, b)
     assert not os.path.exists(str(tmp_path / "b") + ".tmp") and M.latest(str(tmp_path / "b")) == str(tmp_path / "b")
 
