@@ -4,40 +4,51 @@
 # -> StreamPro-F1 of every model on the synthetic test split (free-running streaming decoding), plus the
 # calibration control (CE with its threshold tuned on val) and the model-free baselines -> results table.
 #
-#   bash pipeline.sh            # one seed (0): about 30 minutes on 2 cores
-#   bash pipeline.sh 0 1 2      # three seeds, two at a time (one core each), then mean ± std
+#   bash pipeline.sh            # one seed (0): about 25 minutes on 2 cores
+#   bash pipeline.sh 0 1 2      # three seeds, one after the other, then mean ± std
 #
 # Every stage skips what is done (checkpoints and prediction files resume), so rerunning after an
-# interruption finishes the job. Outputs: out/seed<N>/{base,sft-ce,sft-focal,sft-cb,grpo}, out/results.md.
+# interruption finishes the job. Outputs: out/seed<N>/{base,sft-ce,sft-focal,sft-cb,grpo}, one log per
+# stage beside them (out/seed<N>/<stage>.log: tail -f it to watch), out/results.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 seeds=("${@:-0}")
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 
+# One stage: its output goes to its own log; the console gets one line when it starts.
+stage() {
+  local o=$1 name=$2; shift 2; log "seed ${o#out/seed}: $name"
+  "$@" > "$o/$name.log" 2>&1 || { log "seed ${o#out/seed}: $name FAILED; the end of $o/$name.log:"; tail -n 15 "$o/$name.log"; return 1; }
+}
+
+# Two chains side by side, one core each: the tiny model's small matrices barely use a second thread,
+# so two 1-thread jobs finish in about 60% of the time of the same jobs run one after the other.
+side_by_side() {
+  (export OMP_NUM_THREADS=1; eval "$1") & local a=$!
+  (export OMP_NUM_THREADS=1; eval "$2") & local b=$!
+  local ra=0 rb=0; wait $a || ra=$?; wait $b || rb=$?  # both finish (and keep their checkpoints) before a failure stops us
+  return $(( ra || rb ))
+}
+
 run_seed() {
   local s=$1 o=out/seed$1
-  log "seed $s: offline perception stage"; python sft.py --stage offline --seed "$s" --out "$o/base" --resume
-  for loss in ce focal cb; do
-    log "seed $s: streaming SFT, $loss"; python sft.py --loss "$loss" --seed "$s" --model "$o/base" --out "$o/sft-$loss" --resume
+  mkdir -p "$o"
+  stage "$o" base python sft.py --stage offline --seed "$s" --out "$o/base" --resume
+  sft() { stage "$o" "sft-$1" python sft.py --loss "$1" --seed "$s" --model "$o/base" --out "$o/sft-$1" --resume; }
+  bench() { stage "$o" "$1.bench" python bench.py --model "$o/$1" "${@:2}"; }
+  side_by_side "sft cb" "sft ce"
+  side_by_side "stage $o grpo python grpo.py --seed $s --model $o/sft-cb --out $o/grpo --resume; bench grpo; bench sft-cb" \
+               "sft focal; bench sft-focal; bench sft-ce; stage $o sft-ce.calibrated.bench python bench.py --model $o/sft-ce --calibrate data/synthetic/val.jsonl"
+  for m in sft-ce sft-ce.calibrated sft-focal sft-cb grpo; do  # the headline of each model's table
+    echo "  $m: $(grep -h 'Overall Avg' "$o/$m.bench.log")"
   done
-  log "seed $s: GRPO"; python grpo.py --seed "$s" --model "$o/sft-cb" --out "$o/grpo" --resume
-  for m in sft-ce sft-focal sft-cb grpo; do
-    log "seed $s: benchmark $m"; python bench.py --model "$o/$m" > "$o/$m.bench.txt"
-  done
-  log "seed $s: CE with a threshold tuned on val"
-  python bench.py --model "$o/sft-ce" --calibrate data/synthetic/val.jsonl > "$o/sft-ce.calibrated.bench.txt"
 }
 
 start=$(date +%s)
 python data.py --show 0 > /dev/null  # generates data/synthetic and the tiny model on first use
 for b in oracle silent every-turn random; do python bench.py --baseline "$b" > /dev/null; done
-mkdir -p out
-for ((i = 0; i < ${#seeds[@]}; i += 2)); do  # two seeds side by side, one core each; a seed alone gets both
-  pair=("${seeds[@]:i:2}")
-  if [ ${#pair[@]} -eq 1 ]; then run_seed "${pair[0]}" 2>&1 | tee "out/seed${pair[0]}.log"; continue; fi
-  pids=()
-  for s in "${pair[@]}"; do (export OMP_NUM_THREADS=1; run_seed "$s") > "out/seed$s.log" 2>&1 & pids+=($!); done
-  for p in "${pids[@]}"; do wait "$p"; done
+for s in "${seeds[@]}"; do
+  t=$(date +%s); run_seed "$s"; log "seed $s done in $(( ($(date +%s) - t) / 60 )) min"
 done
 dirs=(); for s in "${seeds[@]}"; do dirs+=("out/seed$s"); done
 python bench.py --table "${dirs[@]}" | tee out/results.md

@@ -300,7 +300,8 @@ def setup_dist():
 
 def wrap(model, args, ddp, device):
     """DDP for small models; FSDP2 (fully_shard per decoder layer, bf16 compute, fp32 reduce) for
-    the 3B/4B backbones. The FSDP branch is written for GPUs and has not been run (no GPU here)."""
+    the 3B/4B backbones. FSDP2 with activation checkpointing is tested on CPU with gloo in fp32
+    (test_torchrun_two_processes_match_one); bf16 and NCCL have not been run (no GPU here)."""
     if args.grad_ckpt:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

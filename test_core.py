@@ -1270,7 +1270,7 @@ def test_torchrun_two_processes_match_one(tiny, synth, tmp_path):
     run_py(*common, "--micro_batch", "4", "--out", str(tmp_path / "one"))
     run_py("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common, "--micro_batch", "1", "--out", str(tmp_path / "two"),
            env={"OMP_NUM_THREADS": "1"})
-    run_py("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common, "--micro_batch", "1", "--fsdp",
+    run_py("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common, "--micro_batch", "1", "--fsdp", "--grad_ckpt",
            "--out", str(tmp_path / "fsdp"), env={"OMP_NUM_THREADS": "1"})  # FSDP2 on CPU/gloo in fp32 (bf16/NCCL: GPUs only)
     one, two, fsdp = (losses_of(tmp_path / d) for d in ("one", "two", "fsdp"))
     val_ce = [json.loads(open(tmp_path / d / "log.jsonl").readlines()[-1])["val_ce"] for d in ("one", "two", "fsdp")]
