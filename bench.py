@@ -178,7 +178,8 @@ RUNS = [("CE", "sft-ce", False), ("CE, threshold tuned on val", "sft-ce", True),
 
 def results_table(run_dirs, stem="test"):
     """Markdown table over runs (one directory per seed, each with sft-ce, sft-focal, sft-cb, grpo
-    scored by `bench.py --model`): mean and std over seeds, then the model-free baselines."""
+    scored by `bench.py --model`): mean ± sample std over seeds, Avg of each seed (the seeds can differ
+    in kind, not only in degree), then the model-free baselines."""
     import glob
     cols = ["PU", "TR", "PA", "Avg", "W-Avg", "L0", "L1", "L2", "resp. rate", "AUC"]
 
@@ -195,9 +196,9 @@ def results_table(run_dirs, stem="test"):
         scale = 1 if cols[i] in ("resp. rate", "AUC") else 100
         m = np.mean(xs) * scale
         fmt = "{:.3f}" if scale == 1 else "{:.1f}"
-        return fmt.format(m) + (" ± " + fmt.format(np.std(xs) * scale) if len(xs) > 1 else "")
+        return fmt.format(m) + (" ± " + fmt.format(np.std(xs, ddof=1) * scale) if len(xs) > 1 else "")
 
-    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = ["| model | " + " | ".join(cols) + " | Avg per seed |", "|---" * (len(cols) + 2) + "|"]
     for name, sub, tuned in RUNS:
         found = []
         for d in run_dirs:
@@ -206,12 +207,13 @@ def results_table(run_dirs, stem="test"):
             if files:
                 found.append(values(json.load(open(files[-1]))))
         if found:
-            lines.append(f"| {name} | " + " | ".join(cell([f[i] for f in found], i) for i in range(len(cols))) + " |")
+            per_seed = " / ".join(f"{100 * f[3]:.1f}" for f in found)
+            lines.append(f"| {name} | " + " | ".join(cell([f[i] for f in found], i) for i in range(len(cols))) + f" | {per_seed} |")
     for b in ("oracle", "silent", "every-turn", "random"):
         path = os.path.join("out", "bench", f"{stem}.{b}.preds.results.json")
         if os.path.isfile(path):
             v = values(json.load(open(path)))
-            lines.append(f"| baseline: {b} | " + " | ".join(cell([v[i]], i) for i in range(len(cols))) + " |")
+            lines.append(f"| baseline: {b} | " + " | ".join(cell([v[i]], i) for i in range(len(cols))) + " | |")
     return "\n".join(lines)
 
 

@@ -56,6 +56,8 @@ def get_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data", default=os.path.join(data.DEFAULT_DATA, "train.jsonl"))
     g.add_argument("--val", default=os.path.join(data.DEFAULT_DATA, "val.jsonl"))
+    # (ours) the CPU default trains on levels 0-1 (one task, OU) so the step budget goes to one skill;
+    # level 2 (the seven SPB tasks) stays in the test split as unseen tasks
     g.add_argument("--levels", default="0,1", help="synthetic difficulty levels ('' = all samples)")
     g.add_argument("--states", type=int, default=2, choices=[2, 3])
     g.add_argument("--fps", type=float, default=1.0)
@@ -176,8 +178,10 @@ def rollout(model, fmt, videos, args, gen):
     iargs = SimpleNamespace(states=args.states, fps=args.fps, window=args.window, chunk=args.chunk, max_new=args.max_new,
                             silent_before_question=True, offline_model=False)
     policy = Sampler(fmt, args.states, args.temperature, args.max_new, M.vocab_mask(M.unwrap(model), fmt.tok), gen)
+    model.eval()  # in train mode a gradient-checkpointed layer drops the KV cache the stream lives on
     with M.full_params(model):
         outs, S = infer.run_streams(M.unwrap(model), fmt, rows, iargs, policy)
+    model.train()
     trajs = []
     eos = fmt.tok.decode([fmt.eos_id])
     for b, ((s, frames), o) in enumerate(zip(rows, outs)):
@@ -305,6 +309,7 @@ def main(args):
     max_steps = args.max_steps or math.ceil(args.epochs * len(train) / args.batch)
     never = M.vocab_mask(model, processor.tokenizer)  # ids the policy never emits (sampling and training agree)
     dmodel = wrap(model, args, ddp, device)
+    dmodel.train()  # (from_pretrained leaves eval mode, where gradient checkpointing is off)
     params = [p for p in dmodel.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=device.startswith("cuda"))
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)

@@ -124,6 +124,8 @@ def full_params(model):
     with gloo (test_torchrun_two_processes_match_one); not run with NCCL on GPUs."""
     from torch.distributed.fsdp import FSDPModule
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if isinstance(model, FSDPModule):  # FSDP2 takes the first module to run forward as its root: make it
+        model._get_fsdp_state()._lazy_init()  # the model before a layer runs alone (private API, torch 2.13)
     for m in sharded:
         if m is not model:  # (the root never reshards after forward)
             m.set_reshard_after_forward(False, recurse=False)

@@ -58,6 +58,8 @@ def get_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data", default=os.path.join(data.DEFAULT_DATA, "train.jsonl"))
     g.add_argument("--val", default=os.path.join(data.DEFAULT_DATA, "val.jsonl"))
+    # (ours) the CPU default trains on levels 0-1 (one task, OU) so the step budget goes to one skill;
+    # level 2 (the seven SPB tasks) stays in the test split as unseen tasks
     g.add_argument("--levels", default="0,1", help="synthetic difficulty levels to train on ('' = all samples)")
     g.add_argument("--states", type=int, default=2, choices=[2, 3])
     g.add_argument("--fps", type=float, default=1.0)
