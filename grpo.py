@@ -421,7 +421,8 @@ def main(args):
         step += 1
         t_train = time.time() - t1
         mean = torch.nanmean(comp, 0).tolist()
-        rec = {"step": step, "loss": loss_sum, "reward": mean[0], "r_format": mean[1], "r_turn": mean[2], "r_traj": mean[3],
+        rec = {"step": step, "loss": loss_sum, "reward": mean[0], "r_format": mean[1], "r_turn": mean[2],
+               "r_traj": None if math.isnan(mean[3]) else mean[3],  # JSON null, not NaN, when the rubric is off (--w_traj 0)
                "response_rate": mean[4], "zero_var": stats[3].item() / stats[4].item(), "gnorm": gnorm, "lr": lr, "logp_gap": gap,
                "rollout_tok_s": stats[2].item() / max(t_roll, 1e-9), "train_tok_s": stats[1].item() / max(t_train, 1e-9)}
         if args.kl > 0:
