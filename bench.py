@@ -9,7 +9,7 @@ Score streaming predictions with StreamPro-F1 (SPEC section 3) and print the pap
     python bench.py --from-ovo ovo_bench_new.json --out data/ovo/far.jsonl
     python bench.py --time-scoring 10000               # how fast the metric is with the offline judge
     python bench.py --model out/sft-cb                 # stream a checkpoint over --ann (infer.py, resumable), then score
-    python bench.py                                    # the latest default checkpoint (out/grpo, else out/sft-cb)
+    python bench.py                                    # the latest default checkpoint (out/grpo, out/sft-cb, out/seed0/...)
 
 Predictions are JSONL, one {"id": ..., "responses": [{"time": seconds, "text": "..."}]} per sample, the
 decision token stripped; a sample missing from the file counts as silent. Results go to PREDS.results.json.
@@ -43,7 +43,8 @@ from data import INTERVAL_TASKS, TASKS, AnnotationError, answer_end, load_annota
 from metric import HTTPJudge, JudgeError, OfflineJudge, aggregate, roc_auc, score_sample
 
 DEFAULT_ANN = "data/synthetic/test.jsonl"
-DEFAULT_MODELS = ("out/grpo", "out/sft-cb")  # what `python bench.py` scores, the first that exists
+# what `python bench.py` scores, the first that exists: `python grpo.py` / `python sft.py` outputs, then pipeline.sh's
+DEFAULT_MODELS = ("out/grpo", "out/sft-cb", "out/seed0/grpo", "out/seed0/sft-cb")
 
 
 class BenchError(ValueError):
