@@ -459,11 +459,11 @@ class VLLMRollout:
 
     def __init__(self, path, fmt, args, rank):
         from vllm import LLM
+        if fmt.frames_per_turn != 1:  # checked before the engine takes the GPU
+            raise SystemExit("the vLLM backend sends one image per turn: it does not support 2-frame turns (tiny models)")
         self.llm = LLM(model=path, distributed_executor_backend="external_launcher", enable_sleep_mode=True,
                        enable_prefix_caching=True, gpu_memory_utilization=0.35, seed=args.seed + rank,
                        limit_mm_per_prompt={"image": args.window + args.chunk + 1}, max_model_len=32768)
-        if fmt.frames_per_turn != 1:
-            raise SystemExit("the vLLM backend sends one image per turn: it does not support 2-frame turns (tiny models)")
         self.fmt, self.args = fmt, args
         self.sleep()
 

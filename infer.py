@@ -377,12 +377,12 @@ def vllm_predict(args):
     from PIL import Image
     from vllm import LLM, SamplingParams
     samples = [s for s in data.load_annotations(args.ann, check_videos=False) if s["id"] not in read_done(args.out)]
+    fmt = data.ChatFormat(M.Processor.from_pretrained(args.model), M.frames_per_turn(args.model))
+    if fmt.frames_per_turn != 1:  # checked before the engine takes the GPU
+        sys.exit("the vLLM backend sends one image per turn: it does not support 2-frame turns (tiny models)")
     llm = LLM(model=args.model, enable_prefix_caching=True, max_model_len=32768,
               limit_mm_per_prompt={"image": args.window + args.chunk + 1}, gpu_memory_utilization=0.85)
     tok = llm.get_tokenizer()
-    fmt = data.ChatFormat(M.Processor.from_pretrained(args.model), M.frames_per_turn(args.model))
-    if fmt.frames_per_turn != 1:
-        sys.exit("the vLLM backend sends one image per turn: it does not support 2-frame turns (tiny models)")
     dec_ids = {t: tok.convert_tokens_to_ids(t) for t in data.STATES[args.states]}
     first = SamplingParams(max_tokens=1, temperature=0, logprobs=20)
     rest = SamplingParams(max_tokens=args.max_new, temperature=0, stop_token_ids=[fmt.eos_id], skip_special_tokens=False)

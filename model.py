@@ -286,7 +286,7 @@ def build_tiny(family="qwen2_5_vl", out="out/tiny-qwen2_5_vl", seed=0, hidden=12
         patch = 16
     else:
         raise ValueError(f"unknown family {family!r}: qwen2_5_vl or qwen3_vl")
-    config.streampro_tiny = True  # sft.py keeps a tiny model's random projector frozen (see there)
+    config.streampro_tiny = True  # load() keeps a tiny model's random projector frozen (see there)
     # (ours) 2-frame turns: a one-frame turn left the tiny LM to find a change by comparing two turns'
     # visual tokens 30 tokens apart, which it did not learn within the CPU budget (README)
     config.streampro_frames_per_turn = 2
