@@ -1,13 +1,13 @@
 """
 Score streaming predictions with StreamPro-F1 (SPEC section 3) and print the paper's table.
 
-    python data.py --make-synthetic                    # first: writes data/synthetic/ (the default --ann)
+    python data.py --make_synthetic                    # first: writes data/synthetic/ (the default --ann)
     python bench.py --baseline oracle                  # model-free baselines: oracle (F1 100), silent, every-turn, random
     python bench.py --ann data/synthetic/test.jsonl --preds out/preds.jsonl
-    python bench.py --preds out/preds.jsonl --judge http --judge-url http://localhost:8000/v1 --judge-model NAME
+    python bench.py --preds out/preds.jsonl --judge http --judge_url http://localhost:8000/v1 --judge_model NAME
     python bench.py --preds out/preds.jsonl --show v12_q0          # one sample as a text timeline
-    python bench.py --from-ovo ovo_bench_new.json --out data/ovo/far.jsonl
-    python bench.py --time-scoring 10000               # how fast the metric is with the offline judge
+    python bench.py --from_ovo ovo_bench_new.json --out data/ovo/far.jsonl
+    python bench.py --time_scoring 10000               # how fast the metric is with the offline judge
     python bench.py --model out/sft-cb                 # stream a checkpoint over --ann (infer.py, resumable), then score
     python bench.py                                    # the latest default checkpoint (out/grpo, out/sft-cb, out/seed0/...)
 
@@ -39,7 +39,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from data import INTERVAL_TASKS, TASKS, AnnotationError, answer_end, load_annotations
+from data import INTERVAL_TASKS, TASKS, AnnotationError, answer_end, cli_args, load_annotations
 from metric import HTTPJudge, JudgeError, OfflineJudge, aggregate, roc_auc, score_sample
 
 DEFAULT_ANN = "data/synthetic/test.jsonl"
@@ -126,7 +126,7 @@ def make_judge(args, samples):
     if args.judge == "offline":
         return OfflineJudge.from_samples(samples)
     if not (args.judge_url and args.judge_model):
-        raise BenchError("--judge http needs --judge-url and --judge-model")
+        raise BenchError("--judge http needs --judge_url and --judge_model")
     return HTTPJudge(args.judge_url, args.judge_model, args.api_key_env, args.judge_cache,
                      concurrency=args.judge_concurrency)
 
@@ -384,13 +384,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="StreamPro-F1 benchmark (SPEC section 3).",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     # what to score
-    ap.add_argument("--ann", help=f"annotation JSONL (default {DEFAULT_ANN}: run `python data.py --make-synthetic` first)")
+    ap.add_argument("--ann", help=f"annotation JSONL (default {DEFAULT_ANN}: run `python data.py --make_synthetic` first)")
     ap.add_argument("--preds", help='predictions JSONL: {"id", "responses": [{"time", "text"}]} per line')
     ap.add_argument("--baseline", choices=["oracle", "silent", "every-turn", "random"], help="model-free predictions")
     ap.add_argument("--p", type=float, default=0.1, help="random baseline: response probability per turn")
-    ap.add_argument("--seed", type=int, default=0, help="random baseline / --time-scoring seed")
+    ap.add_argument("--seed", type=int, default=0, help="random baseline / --time_scoring seed")
     ap.add_argument("--out", help="baseline: its predictions file (default out/bench/<ann>.<baseline>.preds.jsonl); "
-                                  "--from-ovo: the annotation file to write")
+                                  "--from_ovo: the annotation file to write")
     ap.add_argument("--model", help="checkpoint to stream over --ann first (infer.py; predictions beside it, resumable)")
     ap.add_argument("--threshold", type=float, default=None, help="--model: respond when p(</Response>) >= this")
     ap.add_argument("--streams", type=int, default=8, help="--model: streams decoded together")
@@ -401,16 +401,16 @@ def main(argv=None):
     # the judge that gives S_acc
     ap.add_argument("--judge", choices=["offline", "http"], default="offline",
                     help="offline: slot match / word overlap, NOT the paper's LLM judge; http: an LLM judge")
-    ap.add_argument("--judge-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
-    ap.add_argument("--judge-model", help="model name sent to the endpoint")
-    ap.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env var holding the API key (may be unset)")
-    ap.add_argument("--judge-cache", default="out/bench/judge_cache.jsonl", help="JSONL cache of judge replies")
-    ap.add_argument("--judge-concurrency", type=int, default=8)
+    ap.add_argument("--judge_url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    ap.add_argument("--judge_model", help="model name sent to the endpoint")
+    ap.add_argument("--api_key_env", default="OPENAI_API_KEY", help="env var holding the API key (may be unset)")
+    ap.add_argument("--judge_cache", default="out/bench/judge_cache.jsonl", help="JSONL cache of judge replies")
+    ap.add_argument("--judge_concurrency", type=int, default=8)
     # tools
     ap.add_argument("--show", metavar="ID", help="print one sample as a timeline instead of the table")
-    ap.add_argument("--from-ovo", metavar="OVO.json", help="convert OVO-Bench FAR items (REC/SSR/CRR) to --out")
-    ap.add_argument("--time-scoring", type=int, metavar="N", help="time the metric on N random samples")
-    args = ap.parse_args(argv)
+    ap.add_argument("--from_ovo", metavar="OVO.json", help="convert OVO-Bench FAR items (REC/SSR/CRR) to --out")
+    ap.add_argument("--time_scoring", type=int, metavar="N", help="time the metric on N random samples")
+    args = ap.parse_args(cli_args(argv))
 
     if args.time_scoring:
         return time_scoring(args.time_scoring, args.seed)
@@ -420,11 +420,11 @@ def main(argv=None):
         return text
     if args.from_ovo:
         if not args.out:
-            raise BenchError("--from-ovo needs --out ANN.jsonl")
+            raise BenchError("--from_ovo needs --out ANN.jsonl")
         return from_ovo(args.from_ovo, args.out)
     ann = args.ann or DEFAULT_ANN
     if not os.path.isfile(ann) and not args.ann:
-        raise BenchError(f"{ann} not found: run `python data.py --make-synthetic` first, or pass --ann")
+        raise BenchError(f"{ann} not found: run `python data.py --make_synthetic` first, or pass --ann")
     samples = load_annotations(ann, check_videos=False)
 
     # where the predictions come from

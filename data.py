@@ -3,7 +3,7 @@ The streaming turn format: annotations, video decoding, turns and labels, tokeni
 sft.py, grpo.py, infer.py and bench.py all build their conversations here, so the format has one
 definition (SPEC section 1).
 
-    python data.py --make-synthetic          # generate the synthetic benchmark (synthetic.py)
+    python data.py --make_synthetic          # generate the synthetic benchmark (synthetic.py)
     python data.py --show 1                  # one tokenised training conversation, coloured
     python data.py --show 1 --states 3 --split val --model out/tiny-qwen2_5_vl
 """
@@ -110,6 +110,7 @@ def load_annotations(path, check_videos=True):
                 if "slots" in a and not isinstance(a["slots"], dict):
                     fail(where + ".slots", f"expected an object, got {a['slots']!r}")
             s["video_path"] = s["video"] if os.path.isabs(s["video"]) else os.path.join(root, s["video"])
+            s["where"] = f"{path}:{lineno}"  # for messages about this sample that come later (check_video_times)
             if check_videos:
                 if not os.path.isfile(s["video_path"]):
                     fail("video", f"video file not found: {s['video_path']}")
@@ -121,7 +122,25 @@ def load_annotations(path, check_videos=True):
                     fail("answers" if s["answers"] and last > s["query_time"] else "query_time",
                          f"time {last} is beyond the video's duration {s['duration']}")
             samples.append(s)
+    if not samples:
+        raise AnnotationError(f"{path}: no samples (the file is empty)")
     return samples
+
+
+def check_video_times(s, seconds):
+    """What is wrong with sample `s` against its video, `seconds` long (read from the file): answers or
+    the question after its end, or an annotated duration longer than it. Annotations loaded without their
+    videos (check_videos=False: baselines, scoring --preds) cannot be checked before a stream decodes
+    them; each message names the file, the line and the sample."""
+    out, eps = [], 1e-6
+    if s.get("duration", 0) > seconds + 1:  # (a second of slack: containers round their durations)
+        out.append(f"duration {s['duration']} is longer than the video ({seconds:.1f} s): the last frame repeats")
+    late = [answer_end(a) for a in s["answers"] if answer_end(a) > max(seconds, s.get("duration", 0)) + eps]
+    if late:
+        out.append(f"answer time {late[0]:g} is beyond the end of the video ({seconds:.1f} s): it is due after the last turn")
+    if s["query_time"] > max(seconds, s.get("duration", 0)) + eps:
+        out.append(f"query_time {s['query_time']:g} is beyond the end of the video ({seconds:.1f} s)")
+    return [f"{s.get('where', '?')}: sample {s['id']} ({s['video_path']}): {m}" for m in out]
 
 
 def answer_end(a):
@@ -457,6 +476,16 @@ def show(enc, tok, colour=None):
     print(f"{len(ids)} tokens, {len(sup)} supervised: " + ", ".join(f"{names[c]} {sup.count(c)}" for c in names if sup.count(c)))
 
 
+def cli_args(argv=None):
+    """Command-line words with every long flag in its documented spelling, underscores: --max_new, and
+    also --max-new as an alias (one convention for every script; a flag copied from another script or
+    an older README still works)."""
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    fix = lambda w: "--" + w[2:].split("=", 1)[0].replace("-", "_") + ("=" + w.split("=", 1)[1] if "=" in w else "")
+    return [fix(w) if w.startswith("--") and len(w) > 2 else w for w in argv]
+
+
 DEFAULT_DATA = "data/synthetic"
 
 
@@ -471,14 +500,14 @@ def ensure_synthetic(root=DEFAULT_DATA):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--make-synthetic", action="store_true", help="generate the synthetic benchmark (see synthetic.py for sizes)")
+    p.add_argument("--make_synthetic", action="store_true", help="generate the synthetic benchmark (see synthetic.py for sizes)")
     p.add_argument("--show", type=int, default=None, metavar="N", help="print the N-th conversation of --split")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--split", default="train")
     p.add_argument("--states", type=int, default=2, choices=[2, 3])
     p.add_argument("--fps", type=float, default=1.0)
     p.add_argument("--model", default=None, help="tokenizer/processor to use (default: the tiny Qwen2.5-VL, built if missing)")
-    a = p.parse_args()
+    a = p.parse_args(cli_args())
     if a.make_synthetic:
         import time
         t0 = time.time()

@@ -7,7 +7,7 @@ Hand-written multi-turn GRPO with StreamPro's multi-grained rewards (SPEC sectio
     torchrun --standalone --nproc_per_node=2 grpo.py    # 2 CPU processes (gloo), each owns whole groups
     torchrun --standalone --nproc_per_node=8 grpo.py --preset qwen2.5-vl-3b --model out/sft-3b \\
         --data /data/rl.jsonl --val /data/val.jsonl --backend vllm \\
-        --judge http --judge-url http://judge:8000/v1 --judge-model NAME --out out/grpo-3b
+        --judge http --judge_url http://judge:8000/v1 --judge_model NAME --out out/grpo-3b
 
 One step: a global batch of videos; for each video G trajectories are streamed together (infer.py):
 at every second the frame, and the question at its time, are forced into the context and the
@@ -23,7 +23,6 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,7 +34,7 @@ import infer
 import metric
 import model as M
 import rewards
-from sft import batch_indices, lr_at, print0, set_grad_sync, setup_dist, wrap
+from sft import autocast_for, batch_indices, lr_at, print0, resume_point, set_grad_sync, wrap
 
 PRESETS = {  # SPEC section 5 (veRL + vLLM in the paper); (ours): micro-batch, eval cadence
     "qwen2.5-vl-3b": dict(lr=1e-6, batch=16, group=8, temperature=1.0, tau=8.0, max_steps=0, epochs=1, dtype="bfloat16",
@@ -73,10 +72,10 @@ def get_args(argv=None):
     g.add_argument("--w_traj", type=float, default=0.45)
     g.add_argument("--tau", type=float, default=8.0)
     g.add_argument("--judge", default="offline", choices=["offline", "http"], help="S_acc and rubric marks")
-    g.add_argument("--judge-url", dest="judge_url", default=None)
-    g.add_argument("--judge-model", dest="judge_model", default=None)
-    g.add_argument("--api-key-env", dest="api_key_env", default="OPENAI_API_KEY")
-    g.add_argument("--judge-concurrency", dest="judge_concurrency", type=int, default=16)
+    g.add_argument("--judge_url", default=None)
+    g.add_argument("--judge_model", default=None)
+    g.add_argument("--api_key_env", default="OPENAI_API_KEY")
+    g.add_argument("--judge_concurrency", type=int, default=16)
     g = p.add_argument_group("policy update (SPEC section 2)")
     g.add_argument("--lr", type=float, default=3e-4, help="paper 1e-6 for 3B/4B; the tiny model needs more")
     g.add_argument("--warmup", type=int, default=0)
@@ -103,7 +102,7 @@ def get_args(argv=None):
     g.add_argument("--eval_samples", type=int, default=60)
     g.add_argument("--save_every", type=int, default=50)
     g.add_argument("--log_every", type=int, default=1)
-    args = p.parse_args(argv)
+    args = p.parse_args(data.cli_args(argv))
     if args.preset:
         for k, v in PRESETS[args.preset].items():
             if getattr(args, k) == p.get_default(k):
@@ -148,50 +147,48 @@ class Sampler(infer.Greedy):
     """Samples every token of an assistant turn at `temperature` over the real vocabulary, format
     mistakes included (the format reward is there to punish them), and records its log-probability.
     After a sampled </Silence> or </Standby> the end of turn is forced, as at inference (ours): those
-    forced tokens, like the forced silence before the question, are not trained."""
+    forced tokens, like the forced silence before the question, are not trained. All the rows of a
+    token step are sampled on the model's device at once, with one host sync for the step."""
 
     def __init__(self, fmt, states, temperature, max_new, vocab_mask, generator):
         super().__init__(fmt, states, None, max_new, vocab_mask)
-        self.T, self.gen = temperature, generator
+        self.T, self.gen = temperature, generator  # the generator lives on the model's device
         self.quiet = {fmt.decision_ids[data.SILENCE], fmt.decision_ids[data.STANDBY], fmt.eos_id}
 
-    def _sample(self, logits):
-        lp = torch.log_softmax(logits.masked_fill(self.never, -float("inf")) / self.T, -1)
-        t = int(torch.multinomial(lp.exp().cpu(), 1, generator=self.gen))
-        return t, float(lp[t])
+    def first(self, logits):
+        lp = torch.log_softmax(logits.float().masked_fill(self.mask(logits, answer=False), -float("inf")) / self.T, -1)
+        t = torch.multinomial(lp.exp(), 1, generator=self.gen)
+        tokens, logps = torch.cat([t.double(), lp.gather(-1, t).double()], 1).T.tolist()  # ids are exact in float64
+        return [int(x) for x in tokens], logps
 
-    def first(self, logits, b, silent=False):
-        return (self.sil, None) if silent else self._sample(logits)
-
-    def next(self, logits, b):
-        return self._sample(logits)
+    next = first  # inside an answer too, every id the sampler allows may come out
 
     def ends_turn(self, first):
         return first in self.quiet
 
 
-def rollout(model, fmt, videos, args, gen):
-    """G trajectories per (sample, frames), all streamed together. Each trajectory: its responses,
-    its step outputs from the question on (decoded text, decision token included), and the token
-    segments it was sampled from, with the trainable mask and the sampling log-probabilities."""
+def trajectory(sample, group, responses, segments, fmt, fps):
+    """One rollout's record: its responses, its step outputs from the question on (decoded text,
+    decision token included), and the token segments it was sampled from."""
+    turns = [r for seg in segments for r in seg["turns"]]
+    q = data.question_turn(sample["query_time"], fps)
+    eos = fmt.tok.decode([fmt.eos_id])
+    return {"sample": sample, "group": group, "responses": responses, "segments": segments, "n_turns": len(turns) - q,
+            "steps": [fmt.tok.decode(r["content"], skip_special_tokens=False).replace(eos, "") for r in turns[q:]],
+            "n_gen": sum(sum(lp is not None for lp in r["logp"]) for r in turns)}
+
+
+def rollout(model, fmt, videos, args, gen, never):
+    """G trajectories per (sample, frames), all streamed together (infer.run_streams with the Sampler)."""
     rows = [v for v in videos for _ in range(args.group)]
     iargs = SimpleNamespace(states=args.states, fps=args.fps, window=args.window, chunk=args.chunk, max_new=args.max_new,
                             silent_before_question=True, offline_model=False)
-    policy = Sampler(fmt, args.states, args.temperature, args.max_new, M.vocab_mask(M.unwrap(model), fmt.tok), gen)
+    policy = Sampler(fmt, args.states, args.temperature, args.max_new, never, gen)
     model.eval()  # in train mode a gradient-checkpointed layer drops the KV cache the stream lives on
     with M.full_params(model):
         outs, S = infer.run_streams(M.unwrap(model), fmt, rows, iargs, policy)
     model.train()
-    trajs = []
-    eos = fmt.tok.decode([fmt.eos_id])
-    for b, ((s, frames), o) in enumerate(zip(rows, outs)):
-        turns = [r for seg in S.segments[b] for r in seg["turns"]]
-        q = data.question_turn(s["query_time"], args.fps)
-        steps = [fmt.tok.decode(r["content"], skip_special_tokens=False).replace(eos, "") for r in turns[q:]]
-        trajs.append({"sample": s, "group": b // args.group, "responses": o["responses"], "steps": steps,
-                      "segments": S.segments[b], "n_turns": len(turns) - q,
-                      "n_gen": sum(sum(lp is not None for lp in r["logp"]) for r in turns)})
-    return trajs
+    return [trajectory(s, b // args.group, o["responses"], S.segments[b], fmt, args.fps) for b, ((s, _), o) in enumerate(zip(rows, outs))]
 
 
 def sequences(traj):
@@ -202,46 +199,45 @@ def sequences(traj):
         ids, train, old = list(seg["prefix"]), [0] * len(seg["prefix"]), [0.0] * len(seg["prefix"])
         images = list(seg["images"])
         for r in seg["turns"]:
-            ids += r["user"]
-            train += [0] * len(r["user"])
-            old += [0.0] * len(r["user"])
-            ids += r["content"] + r["tail"]
-            train += [int(lp is not None) for lp in r["logp"]] + [0] * len(r["tail"])
-            old += [lp or 0.0 for lp in r["logp"]] + [0.0] * len(r["tail"])
+            ids += r["user"] + r["content"] + r["tail"]
+            train += [0] * len(r["user"]) + [int(lp is not None) for lp in r["logp"]] + [0] * len(r["tail"])
+            old += [0.0] * len(r["user"]) + [lp or 0.0 for lp in r["logp"]] + [0.0] * len(r["tail"])
             images.append((r["pv"], r["grid"]))
         if any(train):
             out.append({"ids": ids, "train": train, "old": old, "images": images})
     return out
 
 
-def token_logp(model, batch, T, never=None):
-    """log pi(token) of every next token of a right-padded batch: the distribution the Sampler draws
-    from (temperature T, the `never` ids masked out)."""
-    out = model(input_ids=batch["ids"], attention_mask=batch["mask"], mm_token_type_ids=batch["types"],
-                pixel_values=batch["pv"], image_grid_thw=batch["grid"])
-    logits = out.logits[:, :-1].float() / T
-    if never is not None:
-        logits = logits.masked_fill(never.to(logits.device), -float("inf"))
-    logp = torch.log_softmax(logits, -1).gather(-1, batch["ids"][:, 1:, None])[..., 0]
-    # only the trained positions matter; the others may hold a masked id (an image placeholder) at -inf,
-    # which would turn the ratio exp(logp - logp) into nan
-    return logp.masked_fill(batch["train"] == 0, 0.0)
-
-
 def collate_seqs(seqs, pad_id, image_token_id, device):
+    """Right-padded model inputs, `keep` (the positions whose next token is trained, for the lm_head) and
+    per trained token, flat in the same order: the token, its sampling log-prob `old`, its advantage
+    `adv` and the `row` (sequence) it belongs to."""
     L = max(len(s["ids"]) for s in seqs)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask, train = torch.zeros_like(ids), torch.zeros(len(seqs), L)
-    old, adv = torch.zeros(len(seqs), L), torch.zeros(len(seqs), L)
+    mask, keep = torch.zeros_like(ids), torch.zeros(len(seqs), L, dtype=torch.bool)
+    old, adv, row = [], [], []
     for i, s in enumerate(seqs):
         n = len(s["ids"])
         ids[i, :n], mask[i, :n] = torch.tensor(s["ids"]), 1
-        train[i, :n], old[i, :n], adv[i, :n] = torch.tensor(s["train"], dtype=torch.float), torch.tensor(s["old"]), s["adv"]
-    pv = torch.cat([p for s in seqs for p, _ in s["images"]])
-    grid = torch.cat([g for s in seqs for _, g in s["images"]])
+        keep[i, : n - 1] = torch.tensor(s["train"][1:], dtype=torch.bool)  # position p predicts token p + 1
+        old += [o for o, t in zip(s["old"][1:], s["train"][1:]) if t]
+        adv += [s["adv"]] * sum(s["train"][1:])
+        row += [i] * sum(s["train"][1:])
     return {"ids": ids.to(device), "mask": mask.to(device), "types": (ids == image_token_id).long().to(device),
-            "pv": pv.to(device), "grid": grid.to(device), "train": train[:, 1:].to(device), "old": old[:, 1:].to(device),
-            "adv": adv[:, 1:].to(device)}
+            "pv": torch.cat([p for s in seqs for p, _ in s["images"]]).to(device),
+            "grid": torch.cat([g for s in seqs for _, g in s["images"]]).to(device), "keep": keep.to(device),
+            "target": ids[:, 1:][keep[:, :-1]].to(device), "old": torch.tensor(old, device=device), "adv": torch.tensor(adv, device=device),
+            "row": torch.tensor(row, dtype=torch.long, device=device)}
+
+
+def token_logp(model, batch, T, never=None):
+    """log pi of every trained token of a collated batch, flat: the distribution the Sampler draws from
+    (temperature T, the `never` ids masked out). The lm_head runs at those positions only."""
+    logits = model(input_ids=batch["ids"], attention_mask=batch["mask"], mm_token_type_ids=batch["types"],
+                   pixel_values=batch["pv"], image_grid_thw=batch["grid"], logits_to_keep=batch["keep"]).logits.float() / T
+    if never is not None:
+        logits = logits.masked_fill(never, -float("inf"))
+    return torch.log_softmax(logits, -1).gather(-1, batch["target"][:, None])[:, 0]
 
 
 # -----------------------------------------------------------------------------
@@ -270,64 +266,115 @@ def evaluate(model, fmt, samples, frames_of, args, judge, rank, world):
 
 
 # -----------------------------------------------------------------------------
+# One step: rollouts -> rewards and advantages -> one clipped policy-gradient update
+
+
+def score(trajs, n_videos, args, judge, evaluator, ddp):
+    """Rewards of every trajectory, group-relative advantages (a group lives on one rank) and the
+    sequences to train on. Returns (sequences, per-trajectory reward rows, global stats)."""
+    with ThreadPoolExecutor(args.judge_concurrency if args.judge == "http" else 1) as ex:
+        R = list(ex.map(lambda tr: rewards.total_reward(tr["sample"], tr["steps"], tr["responses"], judge, evaluator,
+                                                         args.w_fmt, args.w_turn, args.w_traj, args.tau, args.states), trajs))
+    zero_var, seqs = 0, []
+    for g in range(n_videos):
+        members = [i for i, tr in enumerate(trajs) if tr["group"] == g]
+        tot = [R[i]["total"] for i in members]
+        flat = max(tot) - min(tot) < 1e-9
+        zero_var += flat
+        if flat and args.skip_zero_var:
+            continue
+        for i, a in zip(members, advantages(tot, args.adv).tolist()):
+            seqs += [{**s, "adv": a} for s in sequences(trajs[i])]
+    # global sums: trained tokens (the loss normaliser), tokens, sampled tokens, zero-variance groups, groups
+    stats = torch.tensor([sum(sum(s["train"]) for s in seqs), sum(len(s["ids"]) for s in seqs), sum(t["n_gen"] for t in trajs),
+                          zero_var, n_videos], dtype=torch.float64)
+    comp = torch.tensor([[r["total"], r["format"], r["turn"], r["traj"] if r["traj"] is not None else float("nan"),
+                          len(t["responses"]) / max(1, t["n_turns"])] for r, t in zip(R, trajs)], dtype=torch.float64)
+    if ddp:  # CPU tensors and objects: gloo's half of the process group (model.setup_dist)
+        dist.all_reduce(stats)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, comp)
+        comp = torch.cat(gathered)
+    return seqs, comp, stats
+
+
+def update(dmodel, ref, seqs, n_train, args, fmt, never, engine, device, autocast, ddp, world, params):
+    """One token-level clipped policy-gradient pass over this rank's sequences, normalised by the global
+    number of trained tokens. With one update per rollout batch pi_old = pi_theta (detached), so rho = 1
+    and the gradient is the policy gradient. Returns (loss, KL, mean |trainer - sampler| log-prob gap)."""
+    micro = [seqs[j:j + args.micro_batch] for j in range(0, len(seqs), args.micro_batch)]
+    n_micro = torch.tensor([len(micro)])
+    if ddp:  # every rank runs the same number of backward passes (some may be empty)
+        dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, KL, gap
+    for j in range(int(n_micro)):
+        set_grad_sync(dmodel, j == int(n_micro) - 1)
+        if j >= len(micro):  # nothing left on this rank: a zero loss that still takes part in the all-reduce
+            (sum(p.sum() for p in params) * 0.0).backward()
+            continue
+        b = collate_seqs(micro[j], fmt.tok.pad_token_id, fmt.image_token_id, device)
+        with autocast:
+            logp = token_logp(dmodel, b, args.temperature, never)
+        diff = logp.detach() - b["old"]  # trainer vs sampler log-probs of the sampled tokens
+        weight = None
+        if engine:  # vLLM sampled: truncated importance ratio, and drop sequences that drifted too far
+            n = len(micro[j])
+            seq = torch.exp(diff.new_zeros(n).index_add(0, b["row"], diff) / torch.bincount(b["row"], minlength=n).clamp(min=1))
+            weight = torch.exp(diff).clamp(max=args.is_cap) * ((seq < args.mask_cap) & (seq > 1 / args.mask_cap)).float()[b["row"]]
+        tok = clipped_token_loss(logp, logp.detach(), b["adv"], args.eps, args.eps_high, weight)
+        kl = torch.zeros_like(tok)
+        if ref is not None:
+            with torch.no_grad(), autocast:
+                ref_logp = token_logp(ref, b, args.temperature, never)
+            kl = k3(logp, ref_logp)
+            tok = tok + args.kl * kl
+        loss = tok.sum() / n_train
+        (loss * world).backward()  # DDP averages over ranks; the loss is already normalised globally
+        sums += torch.stack([loss.detach(), kl.detach().sum() / n_train, diff.abs().sum() / n_train]).double()
+        del logp, loss, tok
+    return sums.tolist()
 
 
 def main(args):
-    ddp, rank, world, device = setup_dist()
+    ddp, rank, world, device = M.setup_dist()
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} must be a multiple of the number of processes ({world})")
-    start = M.latest(args.model)
-    if start is None:
-        raise SystemExit(f"no SFT checkpoint at {args.model}: run `python sft.py` first (or pass --model)")
-    ckpt = M.latest(args.out) if args.resume else None
-    ckpt = ckpt if ckpt and os.path.isfile(os.path.join(ckpt, "trainer_state.pt")) else None
+    try:
+        start = M.resolve(args.model)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--model: {e}: run `python sft.py` first (or pass --model)") from None
+    if rank == 0:
+        M.finish_save(args.out)
+    if ddp:
+        dist.barrier()
+    ckpt = resume_point(args)
     model, processor = M.load(ckpt or start, device=device)
     fmt = data.ChatFormat(processor, M.frames_per_turn(model))
     levels = [int(x) for x in args.levels.split(",")] if args.levels else None
     pick = lambda ss: [s for s in ss if levels is None or s.get("level", levels[0]) in levels]
     train = rewards.load_rubrics(args.data, pick(data.load_annotations(args.data)))
     val = pick(data.load_annotations(args.val)) if args.val and os.path.isfile(args.val) else []
-    cache = {}
-
-    def frames_of(s):
-        if s["id"] not in cache:
-            cache[s["id"]] = fmt.video(s["video_path"], args.fps, s["duration"])[0]
-        return cache[s["id"]]
-
-    if args.judge == "http":
-        judge = metric.HTTPJudge(args.judge_url, args.judge_model, args.api_key_env, os.path.join(args.out, "judge_cache.jsonl"),
-                                 concurrency=args.judge_concurrency)
-        evaluator = rewards.LLMEvaluator(args.judge_url, args.judge_model, args.api_key_env, os.path.join(args.out, "rubric_cache.jsonl"))
-    else:
-        judge = metric.OfflineJudge.from_samples(train + val)
-        evaluator = rewards.OfflineEvaluator(judge)
+    frames_of = FrameCache(fmt, args.fps)
+    judge, evaluator = make_judges(args, train + val)
     ref = None
     if args.kl > 0:  # the reference model costs a second copy of the weights: only when asked for
         ref, _ = M.load(start, device=device)
         ref.eval().requires_grad_(False)
     engine = VLLMRollout(start, fmt, args, rank) if args.backend == "vllm" else None
     max_steps = args.max_steps or math.ceil(args.epochs * len(train) / args.batch)
-    never = M.vocab_mask(model, processor.tokenizer)  # ids the policy never emits (sampling and training agree)
+    never = M.vocab_mask(model, processor.tokenizer).to(device)  # ids the policy never emits (sampling and training agree)
     dmodel = wrap(model, args, ddp, device)
     dmodel.train()  # (from_pretrained leaves eval mode, where gradient checkpointing is off)
     params = [p for p in dmodel.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=device.startswith("cuda"))
-    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
-    step = 0
-    if ckpt:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        M.set_optimizer_state(dmodel, opt, state["optimizer"])
-        step = state["step"]
-        random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"]), torch.set_rng_state(state["rng"]["torch"])
-        gen.set_state(state["rng"]["sampler"][rank] if rank < len(state["rng"]["sampler"]) else gen.get_state())
-        print0(f"resumed {ckpt} at step {step}")
+    gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
+    step = restore(ckpt, dmodel, opt, gen, rank)
     cfg = vars(args).copy()
     print0(json.dumps(cfg))
     print0(f"GRPO: {start} -> {args.out}, {len(train)} training videos, G={args.group}, {world} process(es), {max_steps} steps")
-    log = None
-    if rank == 0:
-        log = M.open_log(args.out, step)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.startswith("cuda") and args.dtype == "bfloat16" and not args.fsdp) else nullcontext()
+    log = M.open_log(args.out, step) if rank == 0 else None
+    autocast = autocast_for(device, args)
+    sizes = M.flop_sizes(model)
 
     def save():
         states = [None] * world
@@ -338,11 +385,15 @@ def main(args):
         M.save_checkpoint(args.out, dmodel, processor, opt, {"step": step, "config": cfg, "rng": {
             "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "sampler": states}}, rank)
 
+    def write(rec):
+        if log:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+
     if val and not ckpt:
         ev = evaluate(dmodel, fmt, val, frames_of, args, judge, rank, world)
         print0("eval (before) " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        if log:
-            log.write(json.dumps({"step": 0, **ev}) + "\n")
+        write({"step": 0, **ev})
     while step < max_steps:
         t0 = time.time()
         videos = [(train[i], frames_of(train[i])) for i in batch_indices(step, args.batch, len(train), args.seed)[rank::world]]
@@ -351,100 +402,78 @@ def main(args):
             trajs = engine.rollout(videos)
             engine.sleep()
         else:
-            trajs = rollout(dmodel, fmt, videos, args, gen)
-        t_roll = time.time() - t0
-        # rewards, then advantages within each group (a group lives on one rank)
-        with ThreadPoolExecutor(args.judge_concurrency if args.judge == "http" else 1) as ex:
-            R = list(ex.map(lambda tr: rewards.total_reward(tr["sample"], tr["steps"], tr["responses"], judge, evaluator,
-                                                             args.w_fmt, args.w_turn, args.w_traj, args.tau, args.states), trajs))
-        zero_var, seqs = 0, []
-        for g in range(len(videos)):
-            members = [i for i, tr in enumerate(trajs) if tr["group"] == g]
-            tot = [R[i]["total"] for i in members]
-            adv = advantages(tot, args.adv)
-            flat = max(tot) - min(tot) < 1e-9
-            zero_var += flat
-            if flat and args.skip_zero_var:
-                continue
-            for i, a in zip(members, adv.tolist()):
-                for s in sequences(trajs[i]):
-                    seqs.append({**s, "adv": a})
-        # the normaliser: trained tokens of the whole global batch
-        stats = torch.tensor([sum(sum(s["train"]) for s in seqs), sum(len(s["ids"]) for s in seqs), sum(t["n_gen"] for t in trajs),
-                              zero_var, len(videos)], dtype=torch.float64)
-        comp = torch.tensor([[r["total"], r["format"], r["turn"], r["traj"] if r["traj"] is not None else float("nan"),
-                              len(t["responses"]) / max(1, t["n_turns"])] for r, t in zip(R, trajs)], dtype=torch.float64)
-        if ddp:
-            dist.all_reduce(stats)
-            gathered = [None] * world
-            dist.all_gather_object(gathered, comp)
-            comp = torch.cat(gathered)
-        n_train = max(1.0, stats[0].item())
+            trajs = rollout(dmodel, fmt, videos, args, gen, never)
+        t1 = time.time()
+        seqs, comp, stats = score(trajs, len(videos), args, judge, evaluator, ddp)
         lr = lr_at(step, max_steps, args.lr, args.warmup, args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        t1 = time.time()
-        micro = [seqs[j:j + args.micro_batch] for j in range(0, len(seqs), args.micro_batch)]
-        n_micro = torch.tensor([len(micro)])
-        if ddp:  # every rank runs the same number of backward passes (some may be empty)
-            dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
-        loss_sum, kl_sum, gap = 0.0, 0.0, 0.0
-        for j in range(int(n_micro)):
-            set_grad_sync(dmodel, j == int(n_micro) - 1)
-            if j >= len(micro):  # nothing left on this rank: a zero loss that still takes part in the all-reduce
-                (sum(p.sum() for p in params) * 0.0).backward()
-                continue
-            b = collate_seqs(micro[j], fmt.tok.pad_token_id, fmt.image_token_id, device)
-            with autocast:
-                logp = token_logp(dmodel, b, args.temperature, never)
-            # one update per rollout batch: pi_old = pi_theta (detached), so rho = 1 with the policy gradient
-            diff = (logp.detach() - b["old"]) * b["train"]  # trainer vs sampler log-probs of the sampled tokens
-            gap += diff.abs().sum().item() / n_train
-            weight = None
-            if engine:  # vLLM sampled: truncated importance ratio, and drop trajectories that drifted too far
-                seq = torch.exp(diff.sum(1) / b["train"].sum(1).clamp(min=1))
-                keep = ((seq < args.mask_cap) & (seq > 1 / args.mask_cap)).float()
-                weight = torch.exp(diff).clamp(max=args.is_cap) * keep[:, None]
-            tok = clipped_token_loss(logp, logp.detach(), b["adv"], args.eps, args.eps_high, weight)
-            if ref is not None:
-                with torch.no_grad():
-                    ref_logp = token_logp(ref, b, args.temperature, never)
-                kl = k3(logp, ref_logp)
-                tok = tok + args.kl * kl
-                kl_sum += (kl * b["train"]).sum().item() / n_train
-            loss = (tok * b["train"]).sum() / n_train
-            (loss * world).backward()  # DDP averages over ranks; the loss is already normalised globally
-            loss_sum += loss.item()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item() if args.grad_clip > 0 else float("nan")
+        t2 = time.time()
+        loss, kl, gap = update(dmodel, ref, seqs, max(1.0, stats[0].item()), args, fmt, never, engine, device, autocast, ddp, world, params)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item() if args.grad_clip > 0 else None
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        t_train = time.time() - t1
-        mean = torch.nanmean(comp, 0).tolist()
-        rec = {"step": step, "loss": loss_sum, "reward": mean[0], "r_format": mean[1], "r_turn": mean[2],
-               "r_traj": None if math.isnan(mean[3]) else mean[3],  # JSON null, not NaN, when the rubric is off (--w_traj 0)
+        t3 = time.time()
+        mean = [None if math.isnan(x) else x for x in torch.nanmean(comp, 0).tolist()]  # JSON null, not NaN (r_traj with --w_traj 0)
+        flops = M.train_flops(sizes, [len(s["ids"]) for s in seqs], sum(len(p) for s in seqs for p, _ in s["images"]))
+        rec = {"step": step, "loss": loss, "reward": mean[0], "r_format": mean[1], "r_turn": mean[2], "r_traj": mean[3],
                "response_rate": mean[4], "zero_var": stats[3].item() / stats[4].item(), "gnorm": gnorm, "lr": lr, "logp_gap": gap,
-               "rollout_tok_s": stats[2].item() / max(t_roll, 1e-9), "train_tok_s": stats[1].item() / max(t_train, 1e-9)}
+               "rollout_tok_s": stats[2].item() / max(t1 - t0, 1e-9), "train_tok_s": stats[1].item() / max(t3 - t2, 1e-9)}
         if args.kl > 0:
-            rec["kl"] = kl_sum
+            rec["kl"] = kl
         if step % args.log_every == 0 or step == max_steps:
-            print0(f"step {step}/{max_steps} reward {mean[0]:.3f} (fmt {mean[1]:.2f} turn {mean[2]:.3f} traj {mean[3]:.3f}) "
-                   f"resp/turn {mean[4]:.3f} zero-var {rec['zero_var']:.2f} loss {loss_sum:+.4f} gnorm {gnorm:.2f} "
-                   f"rollout {rec['rollout_tok_s']:.0f} tok/s train {rec['train_tok_s']:.0f} tok/s")
-        if val and (step % args.eval_every == 0 or step == max_steps):
+            f = lambda x, p=3: "-" if x is None else f"{x:.{p}f}"
+            print0(f"step {step}/{max_steps} | reward {f(mean[0])} (fmt {f(mean[1], 2)} turn {f(mean[2])} traj {f(mean[3])}) "
+                   f"| resp/turn {f(mean[4])} | zero-var {rec['zero_var']:.2f} | loss {loss:+.4f} | gnorm {f(gnorm, 2)} "
+                   f"| rollout {rec['rollout_tok_s']:,.0f} tok/s | train {rec['train_tok_s']:,.0f} tok/s{M.hw_stats(device, flops, t3 - t2)}")
+        if val and ((args.eval_every and step % args.eval_every == 0) or step == max_steps):
             ev = evaluate(dmodel, fmt, val, frames_of, args, judge, rank, world)
             rec.update(ev)
             print0("eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        if log:
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+        write(rec)
         if step % args.save_every == 0 or step == max_steps or step == args.stop_at:
             save()
         if step == args.stop_at:
             print0(f"stopped at step {step} (--stop_at): continue with --resume")
             break
-    if ddp:
-        dist.destroy_process_group()
+    M.teardown_dist(ddp)
+
+
+class FrameCache(dict):
+    """Decoded frames by sample id: the training set is revisited every epoch."""
+
+    def __init__(self, fmt, fps):
+        super().__init__()
+        self.fmt, self.fps = fmt, fps
+
+    def __call__(self, s):
+        if s["id"] not in self:
+            self[s["id"]] = self.fmt.video(s["video_path"], self.fps, s["duration"])[0]
+        return self[s["id"]]
+
+
+def make_judges(args, samples):
+    """S_acc's judge and the rubric evaluator: offline (exact slots, the default) or an LLM over HTTP."""
+    if args.judge == "http":
+        judge = metric.HTTPJudge(args.judge_url, args.judge_model, args.api_key_env, os.path.join(args.out, "judge_cache.jsonl"),
+                                 concurrency=args.judge_concurrency)
+        return judge, rewards.LLMEvaluator(args.judge_url, args.judge_model, args.api_key_env, os.path.join(args.out, "rubric_cache.jsonl"))
+    judge = metric.OfflineJudge.from_samples(samples)
+    return judge, rewards.OfflineEvaluator(judge)
+
+
+def restore(ckpt, dmodel, opt, gen, rank):
+    """Optimizer, step and RNG states (the sampler's per rank) of a checkpoint; step 0 without one."""
+    if not ckpt:
+        return 0
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    M.set_optimizer_state(dmodel, opt, state["optimizer"])
+    random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"]), torch.set_rng_state(state["rng"]["torch"])
+    if rank < len(state["rng"]["sampler"]):
+        gen.set_state(state["rng"]["sampler"][rank])
+    print0(f"resumed {ckpt} at step {state['step']}")
+    return state["step"]
 
 
 # -----------------------------------------------------------------------------
@@ -534,15 +563,7 @@ class VLLMRollout:
             for b in live:
                 ctx[b][-1]["tail"] = list(fmt.asst_close_tail)
                 ctx[b][-1]["ids"] = ctx[b][-1]["user"] + ctx[b][-1]["content"] + ctx[b][-1]["tail"]
-        eos = fmt.tok.decode([fmt.eos_id])
-        out = []
-        for b, (s, _) in enumerate(rows):
-            turns = [r for seg in segs[b] for r in seg["turns"]]
-            q = data.question_turn(s["query_time"], a.fps)
-            out.append({"sample": s, "group": b // a.group, "responses": resp[b], "segments": segs[b], "n_turns": len(turns) - q,
-                        "steps": [fmt.tok.decode(r["content"], skip_special_tokens=False).replace(eos, "") for r in turns[q:]],
-                        "n_gen": sum(sum(lp is not None for lp in r["logp"]) for r in turns)})
-        return out
+        return [trajectory(s, b // a.group, resp[b], segs[b], fmt, a.fps) for b, (s, _) in enumerate(rows)]
 
 
 if __name__ == "__main__":

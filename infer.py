@@ -2,11 +2,11 @@
 Streaming inference: the model watches a video one frame per second and decides every second
 whether to stay silent or to respond (SPEC sections 1, 3, 6).
 
-    python infer.py --model out/sft-cb --video clip.mp4 --question "Tell me when the square turns red." --ask-at 3
+    python infer.py --model out/sft-cb --video clip.mp4 --question "Tell me when the square turns red." --ask_at 3
     python infer.py --model out/sft-cb --video clip.mp4 --question "..." --realtime   # paced like a live feed
     python infer.py --model out/sft-cb --ann data/synthetic/test.jsonl               # -> out/sft-cb/preds-test.jsonl
     torchrun --standalone --nproc_per_node=8 infer.py --model CKPT --ann ANN.jsonl   # samples sharded over ranks
-    python infer.py --offline-model /models/Qwen2.5-VL-7B-Instruct --ann ANN.jsonl   # SPEC 3's Wait protocol
+    python infer.py --offline_model /models/Qwen2.5-VL-7B-Instruct --ann ANN.jsonl   # SPEC 3's Wait protocol
     python infer.py --backend vllm --model CKPT --ann ANN.jsonl                      # GPU, vLLM with prefix caching
     python infer.py --speed                                                          # O(1)-per-frame benchmark
 
@@ -57,13 +57,13 @@ class Streams:
         self.window, self.chunk = window, max(1, chunk)
         self.system = fmt.system_ids(system)
         self.pad = fmt.tok.pad_token_id
-        self.cache, self.mask = DynamicCache(), torch.zeros(n, 0, dtype=torch.long)
+        self.cache, self.mask = DynamicCache(), torch.zeros(n, 0, dtype=torch.long, device=model.device)
         self.pos = torch.zeros(n, dtype=torch.long)  # next mrope position of each row
         self.pending = [list(self.system) for _ in range(n)]  # decided tokens not yet in the cache
         self.ctx = [[] for _ in range(n)]  # turns in the cache: {"k", "ids", "pv", "grid", "question", ...}
         self.segments = [[{"prefix": list(self.system), "images": [], "turns": []}] for _ in range(n)]
         self.cur = [None] * n
-        self.rebuilds = 0
+        self.rebuilds, self.latency = 0, []  # latency: seconds of each turn (run_streams)
 
     @torch.no_grad()
     def _forward(self, chunks, images=None):
@@ -89,12 +89,14 @@ class Streams:
             if grid is not None:
                 pvs.append(images[b][0])
                 grids.append(grid)
-            p, _ = self.model.model.get_rope_index(t[None], types[b : b + 1, : len(c)], image_grid_thw=grid)
-            pos[:, b, : len(c)] = p[:, 0] + self.pos[b]
+                p, _ = self.model.model.get_rope_index(t[None], types[b : b + 1, : len(c)], image_grid_thw=grid)
+                pos[:, b, : len(c)] = p[:, 0] + self.pos[b]
+            else:  # text only (a decoded token): the three mrope axes are plain positions
+                pos[:, b, : len(c)] = torch.arange(len(c)) + self.pos[b]
             self.pos[b] = pos[:, b, : len(c)].max() + 1
-        self.mask = torch.cat([self.mask, new], 1)
+        self.mask = torch.cat([self.mask, new.to(dev)], 1)  # kept on the device: it grows with the context
         kw = {"pixel_values": torch.cat(pvs).to(dev), "image_grid_thw": torch.cat(grids).to(dev)} if pvs else {}
-        out = self.model.model(input_ids=ids.to(dev), attention_mask=self.mask.to(dev), position_ids=pos.to(dev),
+        out = self.model.model(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=pos.to(dev),
                                past_key_values=self.cache, use_cache=True, mm_token_type_ids=types.to(dev), **kw)
         self.cache = out.past_key_values
         last = torch.tensor([max(len(c) - 1, 0) for c in chunks])
@@ -112,7 +114,7 @@ class Streams:
             images.append((torch.cat([r["pv"] for r in keep]), torch.cat([r["grid"] for r in keep])) if keep else None)
             self.segments[b].append({"prefix": ids, "images": [(r["pv"], r["grid"]) for r in keep], "turns": []})
             self.pending[b] = []
-        self.cache, self.mask, self.pos = DynamicCache(), torch.zeros(self.n, 0, dtype=torch.long), torch.zeros(self.n, dtype=torch.long)
+        self.cache, self.mask, self.pos = DynamicCache(), self.mask[:, :0], torch.zeros(self.n, dtype=torch.long)
         self.rebuilds += 1
         self._forward(chunks, images)
 
@@ -163,27 +165,39 @@ class Streams:
 class Greedy:
     """The first assistant token is the most likely decision token (ours: a stream must decide every
     second, so the choice is among the decision tokens of the format), or </Response> whenever
-    p(</Response>) >= threshold; the answer text is greedy. `silent` rows are forced to stay silent."""
+    p(</Response>) >= threshold; the answer text is greedy. Each call takes the logits of all the rows
+    that decode now, (n, V), and returns n tokens and their log-probabilities: one host sync per token
+    step for the whole batch, not one per row."""
 
     def __init__(self, fmt, states=2, threshold=None, max_new=64, never=None):
-        self.fmt, self.threshold, self.max_new, self.never = fmt, threshold, max_new, never  # never: model.vocab_mask
+        self.fmt, self.threshold, self.max_new = fmt, threshold, max_new
         self.dec = [fmt.decision_ids[t] for t in data.STATES[states]]
         self.rsp, self.sil = fmt.decision_ids[data.RESPONSE], fmt.decision_ids[data.SILENCE]
+        self.never, self.masks = never, {}  # never: model.vocab_mask, ids no policy emits
 
-    def first(self, logits, b, silent=False):
-        if silent:
-            return self.sil, 0.0
-        if self.threshold is not None and torch.softmax(logits, -1)[self.rsp] >= self.threshold:
-            return self.rsp, 0.0
-        cand = [i for i in self.dec if not (self.threshold is not None and i == self.rsp)]
-        return max(cand, key=lambda i: logits[i].item()), 0.0
+    def mask(self, logits, answer=True):
+        """The ids to rule out, as a bool (V,) on the logits' device (built once per device): `never`, and
+        inside an answer the decision tokens too."""
+        key = (logits.device, answer)
+        if key not in self.masks:
+            m = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            if self.never is not None:
+                m |= self.never.to(logits.device)
+            if answer:
+                m[list(self.fmt.decision_ids.values())] = True
+            self.masks[key] = m
+        return self.masks[key]
 
-    def next(self, logits, b):
-        logits = logits.clone()
-        logits[list(self.fmt.decision_ids.values())] = -float("inf")  # no decision token inside an answer
-        if self.never is not None:
-            logits[self.never] = -float("inf")
-        return int(logits.argmax()), 0.0
+    def first(self, logits):
+        dec = torch.tensor(self.dec, device=logits.device)
+        if self.threshold is None:
+            return dec[logits[:, dec].argmax(-1)].tolist(), [0.0] * len(logits)
+        others = dec[dec != self.rsp]
+        pick = torch.where(torch.softmax(logits.float(), -1)[:, self.rsp] >= self.threshold, self.rsp, others[logits[:, others].argmax(-1)])
+        return pick.tolist(), [0.0] * len(logits)
+
+    def next(self, logits):
+        return logits.masked_fill(self.mask(logits), -float("inf")).argmax(-1).tolist(), [0.0] * len(logits)
 
     def ends_turn(self, first):
         return first != self.rsp
@@ -192,36 +206,41 @@ class Greedy:
 class FreeText(Greedy):
     """SPEC section 3's offline-model protocol: the whole turn is free greedy text ("Wait" or an answer)."""
 
-    def first(self, logits, b, silent=False):
-        return self.next(logits, b)
+    def first(self, logits):
+        return self.next(logits)
 
     def ends_turn(self, first):
         return first == self.fmt.eos_id
 
 
 def decode_turn(S, logits, rows, policy, silent=()):
-    """Decode the assistant turn of each row in `rows`. Returns {row: (content ids, logprobs)}."""
-    content, logp, live = {}, {}, []
-    for b in rows:
-        t, lp = policy.first(logits[b], b, silent=b in silent)
+    """Decode the assistant turn of each row in `rows`; `silent` rows are forced to stay silent (the
+    decision and the end of turn, log-probability None: not sampled, not trained). Returns
+    {row: (content ids, log-probabilities)}."""
+    eos = S.fmt.eos_id
+    content = {b: [policy.sil, eos] for b in rows if b in silent}
+    logp = {b: [None, None] for b in content}
+    speak = [b for b in rows if b not in silent]
+    live = []
+    for b, t, lp in zip(speak, *(policy.first(logits[speak]) if speak else ([], []))):
         content[b], logp[b] = [t], [lp]
-        if policy.ends_turn(t):  # a silent turn: the decision token and the end of turn, nothing to decode
-            if t != S.fmt.eos_id:
-                content[b].append(S.fmt.eos_id)
-                logp[b].append(None)  # forced after a silence: not sampled, not trained
-            S.end_turn(b, content[b], 0, logp[b])
-        else:
+        if not policy.ends_turn(t):
             live.append(b)
+        elif t != eos:  # a silent turn: its end of turn is forced, nothing to decode
+            content[b].append(eos)
+            logp[b].append(None)
+    for b in rows:
+        if b not in live:
+            S.end_turn(b, content[b], 0, logp[b])
     while live:
         out = S.feed([content[b][-1] if b in live else None for b in range(S.n)])
         still = []
-        for b in live:
-            t, lp = policy.next(out[b], b)
+        for b, t, lp in zip(live, *policy.next(out[live])):
             if len(content[b]) >= policy.max_new:
-                t, lp = S.fmt.eos_id, None  # cut off: the turn is closed (a forced token)
+                t, lp = eos, None  # cut off: the turn is closed (a forced token)
             content[b].append(t)
             logp[b].append(lp)
-            if t == S.fmt.eos_id:
+            if t == eos:
                 S.end_turn(b, content[b], len(content[b]) - 1, logp[b])
             else:
                 still.append(b)
@@ -249,6 +268,7 @@ def run_streams(model, fmt, batch, args, policy=None, on_turn=None):
         rows = [b for b, (_, f) in enumerate(batch) if k < len(f)]
         inputs = [(f[k], data.time_marker(k, args.fps), s["question"] if k == q[b] else None) if k < len(f) else None
                   for b, (s, f) in enumerate(batch)]
+        t0 = time.perf_counter()  # (after the frames arrived: --realtime waits for them)
         logits = S.observe(inputs)
         early = {b for b in rows if k < q[b]} if args.silent_before_question else set()
         if offline:  # before the question the offline model only watches: its turn is a forced "Wait"
@@ -258,7 +278,8 @@ def run_streams(model, fmt, batch, args, policy=None, on_turn=None):
             turns.update(decode_turn(S, logits, [b for b in rows if b not in early], policy))
         else:
             turns = decode_turn(S, logits, rows, policy, silent=early)
-        probs = torch.softmax(logits, -1)[:, rsp].tolist()
+        probs = torch.softmax(logits.float(), -1)[:, rsp].tolist()
+        S.latency.append(time.perf_counter() - t0)
         for b in rows:
             content = turns[b][0]
             t = round((k + 1) / args.fps, 6)  # the decision time of turn k
@@ -294,13 +315,8 @@ def predict_file(args):
     in PREDS.errors.jsonl and the others go on. Under torchrun each rank writes its shard, rank 0
     merges."""
     import torch.distributed as dist
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if not torch.cuda.is_available():
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    M.resolve(args.offline_model or args.model)  # a directory without a checkpoint is named before anything is written
+    ddp, rank, world, device = M.setup_dist()
     samples = data.load_annotations(args.ann, check_videos=False)
     final = args.out
     done = read_done(final)
@@ -329,21 +345,26 @@ def predict_file(args):
             for r in range(world):
                 if os.path.exists(f"{final}.rank{r}"):
                     os.remove(f"{final}.rank{r}")
-        dist.barrier()
-        dist.destroy_process_group()
+    M.teardown_dist(ddp)
     return final
 
 
 def run_batches(model, fmt, todo, args, path, rank=0):
+    """Stream `todo` in batches of args.streams, appending each prediction to `path` as its batch ends.
+    A video that cannot be read is reported and skipped; one whose times disagree with its annotation is
+    warned about (data.check_video_times). Ends with the per-turn latency and streams per second."""
     from tqdm import tqdm
     errors = os.path.splitext(path.split(".rank")[0])[0] + ".errors.jsonl"
     bar = tqdm(total=len(todo), desc=f"streams (rank {rank})", file=sys.stdout)
+    latency, t0, n = [], time.time(), 0
     with open(path, "a", encoding="utf-8") as f:
         for i in range(0, len(todo), args.streams):
             batch = []
             for s in todo[i:i + args.streams]:
                 try:
                     frames, _ = fmt.video(s["video_path"], args.fps, s.get("duration"))
+                    for warning in data.check_video_times(s, data.video_duration(s["video_path"])):
+                        print(f"warning: {warning}", file=sys.stderr)
                     batch.append((s, frames))
                 except data.VideoError as e:
                     print(f"sample {s['id']}: {e}", file=sys.stderr)
@@ -352,12 +373,22 @@ def run_batches(model, fmt, todo, args, path, rank=0):
                     bar.update(1)
             if not batch:
                 continue
-            outs, _ = run_streams(model, fmt, batch, args)
+            outs, S = run_streams(model, fmt, batch, args)
+            latency += S.latency
             for (s, frames), o in zip(batch, outs):
                 f.write(json.dumps({"id": s["id"], "responses": o["responses"], "p_response": o["p_response"]}) + "\n")
             f.flush()
+            n += len(batch)
             bar.update(len(batch))
     bar.close()
+    if latency:
+        print(f"rank {rank}: {n} streams in {time.time() - t0:.1f} s, {n / (time.time() - t0):.2f} streams/s; " + latency_line(latency, args.streams))
+
+
+def latency_line(latency, streams):
+    """Per-turn latency of the batched streams: one turn = every stream's frame in and decision out."""
+    ms = np.percentile(latency, [50, 90]) * 1000
+    return f"per-turn latency p50 {ms[0]:.1f} ms, p90 {ms[1]:.1f} ms (up to {streams} streams per turn)"
 
 
 def load_model(args, device):
@@ -502,12 +533,12 @@ def speed(args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="out/sft-cb", help="checkpoint directory (sft.py / grpo.py output) or hub id")
-    p.add_argument("--offline-model", dest="offline_model", default=None, help="an instruction model without decision tokens: SPEC 3's Wait protocol")
+    p.add_argument("--offline_model", default=None, help="an instruction model without decision tokens: SPEC 3's Wait protocol")
     p.add_argument("--ann", default=None, help="annotation JSONL to predict")
     p.add_argument("--out", default=None, help="predictions JSONL (default: MODEL/preds-<ann name>.jsonl)")
     p.add_argument("--video", default=None, help="stream one video file")
     p.add_argument("--question", default=None)
-    p.add_argument("--ask-at", dest="ask_at", type=float, default=0.0, help="seconds into the video the question is asked")
+    p.add_argument("--ask_at", type=float, default=0.0, help="seconds into the video the question is asked")
     p.add_argument("--realtime", action="store_true", help="pace the stream at the video's own speed")
     p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     p.add_argument("--states", type=int, default=2, choices=[2, 3])
@@ -515,13 +546,13 @@ def get_args(argv=None):
     p.add_argument("--window", type=int, default=200, help="turns kept besides the question turn (SPEC 5: 200)")
     p.add_argument("--chunk", type=int, default=50, help="turns dropped at once when the window overflows")
     p.add_argument("--streams", type=int, default=8, help="streams decoded together in one batch")
-    p.add_argument("--max-new", dest="max_new", type=int, default=64, help="most tokens in one answer")
+    p.add_argument("--max_new", type=int, default=64, help="most tokens in one answer")
     p.add_argument("--threshold", type=float, default=None, help="respond when p(</Response>) >= this (default: argmax)")
-    p.add_argument("--speak-before-question", dest="silent_before_question", action="store_false",
+    p.add_argument("--speak_before_question", dest="silent_before_question", action="store_false",
                    help="let the model respond before the question is asked (default: forced silence)")
     p.add_argument("--speed", action="store_true", help="latency/memory benchmark on the tiny model")
-    p.add_argument("--speed-turns", dest="speed_turns", type=int, default=300)
-    return p.parse_args(argv)
+    p.add_argument("--speed_turns", type=int, default=300)
+    return p.parse_args(data.cli_args(argv))
 
 
 def main(args):
@@ -564,8 +595,11 @@ def watch(args):
 
     out, S = run_streams(model, fmt, [(sample, Paced(frames) if args.realtime else frames)], args, on_turn=show)
     n = len(out[0]["responses"])
-    print(f"done: {n} response{'s' * (n != 1)} in {len(frames)} turns, {time.time() - start:.1f} s")
+    print(f"done: {n} response{'s' * (n != 1)} in {len(frames)} turns, {time.time() - start:.1f} s; {latency_line(S.latency, 1)}")
 
 
 if __name__ == "__main__":
-    main(get_args())
+    try:
+        main(get_args())
+    except (FileNotFoundError, data.AnnotationError, data.VideoError) as e:
+        sys.exit(f"error: {e}")

@@ -1,12 +1,15 @@
 """
-Model and processor loading shared by sft.py, grpo.py and infer.py, and the tiny offline models.
+Model and processor loading shared by sft.py, grpo.py and infer.py, the distributed setup they share,
+and the stand-in models that need no download.
 
-    python model.py --tiny qwen2_5_vl --out out/tiny-qwen2_5_vl     # random tiny Qwen2.5-VL + tokenizer
+    python model.py --tiny qwen2_5_vl --out out/tiny-qwen2_5_vl      # random tiny Qwen2.5-VL + tokenizer (CPU default)
     python model.py --tiny qwen3_vl --out out/tiny-qwen3_vl
+    python model.py --random qwen2.5-vl-3b --out /tmp/m3b              # the real architecture, random weights (GPU checks)
+    python model.py --random qwen3-vl-4b --out /tmp/m4b
 
 `load` takes a local directory or a hub id (Qwen2.5-VL-3B-Instruct, Qwen3-VL-4B-Instruct, a checkpoint
-written by sft.py or grpo.py, or a tiny model made here) and returns (model, processor) with the
-decision tokens in the vocabulary and the vision encoder frozen, as both papers train.
+written by sft.py or grpo.py, or a model made here) and returns (model, processor) with the decision
+tokens in the vocabulary and the vision encoder frozen, as both papers train.
 """
 import argparse
 import contextlib
@@ -15,9 +18,10 @@ import os
 import shutil
 
 import torch
-from transformers import AutoModelForImageTextToText
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoModelForImageTextToText
 
-from data import DECISION_TOKENS
+from data import DECISION_TOKENS, cli_args
 
 MIN_PIXELS, MAX_PIXELS = 3136, 100352  # SPEC section 1: at most 128 visual tokens per frame
 
@@ -66,11 +70,11 @@ class Processor:
 
 def load(path, dtype=torch.float32, device="cpu", attn="sdpa", freeze_vision=True,
          min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
-    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or os.path.isdir(os.path.dirname(path) or ".")):
-        # a local path that is not there (a hub id would be "org/name"): say so now, not after hub retries
-        raise FileNotFoundError(f"{path}: no such model directory")
+    path = resolve(path)
     processor = Processor.from_pretrained(path, min_pixels, max_pixels)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
+    if "flash" not in attn:  # the ViT's windows and frames batched into one attention call (window_attention)
+        model.config.vision_config._attn_implementation = "flash_windows"
     add_decision_tokens(model, processor.tokenizer)
     if freeze_vision:  # the ViT stays frozen; the merger (projector) and the LLM are trained
         # (ours) except a tiny model's projector, which is random: Adam's steps on it (even at 1e-4)
@@ -79,6 +83,51 @@ def load(path, dtype=torch.float32, device="cpu", attn="sdpa", freeze_vision=Tru
         for name, p in model.model.visual.named_parameters():
             p.requires_grad = "merger" in name and not tiny
     return model, processor
+
+
+def resolve(path):
+    """The directory to load for `path`: its checkpoint (or `path.old`, when a save was cut off mid-swap),
+    a hub id as it is, or an error that says what a local directory holds instead of a checkpoint (a run
+    that died before its first save leaves only log.jsonl)."""
+    found = latest(path)
+    if found:
+        return found
+    local = os.path.isdir(path) or path.startswith((".", "/", "~")) or os.path.isdir(os.path.dirname(path) or ".")
+    if not local:
+        return path  # a hub id ("org/name")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such model directory")
+    held = ", ".join(sorted(os.listdir(path))) or "nothing"
+    cut = f"; {path}.tmp is a save that was cut off before it finished" if os.path.isdir(path + ".tmp") else ""
+    raise FileNotFoundError(f"{path} holds no checkpoint (no config.json); it holds: {held}{cut}")
+
+
+def window_attention(module, q, k, v, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None, **kw):
+    """The vision tower's attention over its windows (Qwen2.5-VL) or frames (Qwen3-VL), listed by
+    `cu_seq_lens_q`, with one SDPA call per distinct window length instead of one per window: the
+    default made 51,492 calls per forward for a 200-frame conversation (ENVIRONMENT.md). transformers
+    hands cu_seqlens to an attention function whose name contains "flash". q, k, v: (1, heads, S, dim);
+    returns (1, S, heads, dim), equal to the per-window loop."""
+    cu = cu_seq_lens_q.tolist()
+    _, H, S, D = q.shape
+    starts = {}
+    for a, b in zip(cu[:-1], cu[1:]):
+        starts.setdefault(b - a, []).append(a)
+    if len(starts) == 1:  # equal windows lie back to back: a view, no copy
+        (L, s), = starts.items()
+        f = lambda t: t[0].reshape(H, len(s), L, D).transpose(0, 1)
+        o = F.scaled_dot_product_attention(f(q), f(k), f(v), scale=scaling)
+        return o.permute(0, 2, 1, 3).reshape(1, S, H, D), None
+    out = q.new_empty(S, H, D)
+    for L, s in starts.items():
+        idx = (torch.tensor(s, device=q.device)[:, None] + torch.arange(L, device=q.device)).flatten()
+        f = lambda t: t[0][:, idx].reshape(H, len(s), L, D).transpose(0, 1)
+        o = F.scaled_dot_product_attention(f(q), f(k), f(v), scale=scaling)
+        out[idx] = o.permute(0, 2, 1, 3).reshape(-1, H, D)
+    return out[None], None
+
+
+AttentionInterface.register("flash_windows", window_attention)
 
 
 def add_decision_tokens(model, tok):
@@ -113,6 +162,69 @@ def frames_per_turn(model_or_path):
 
 def unwrap(model):
     return getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 keeps it in place
+
+
+# -----------------------------------------------------------------------------
+# torchrun, and what a log line says about the hardware (shared by sft.py, grpo.py, infer.py)
+
+
+def setup_dist():
+    """(ddp, rank, world, device) under torchrun, or (False, 0, 1, device) for one process. One process
+    group serves both kinds of tensor, NCCL for CUDA ones and gloo for CPU ones (counters, objects): the
+    first GPU run stopped at an all_reduce of a CPU tensor under NCCL alone. On a CPU it is gloo alone."""
+    import torch.distributed as dist
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("cuda:nccl,cpu:gloo")
+        device = f"cuda:{local}"
+    else:
+        dist.init_process_group("cpu:gloo")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        device = "cpu"
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def teardown_dist(ddp):
+    """Leave together: every rank waits until the others are done (rank 0 writes the checkpoints alone)
+    before the group is destroyed, so no process exits while another still works or talks to it."""
+    import torch.distributed as dist
+    if ddp and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+H100_PEAK_FLOPS = 989e12  # dense bf16 tensor-core FLOP/s of one H100 SXM
+
+
+def flop_sizes(model):
+    """(LM layer parameters, ViT parameters, layers, hidden size): what train_flops needs of a model."""
+    m, text = unwrap(model).model, unwrap(model).config.text_config
+    return (sum(p.numel() for p in m.language_model.layers.parameters()), sum(p.numel() for p in m.visual.parameters()),
+            text.num_hidden_layers, text.hidden_size)
+
+
+def train_flops(sizes, seq_lens, n_patches):
+    """FLOPs of one forward + backward over sequences of `seq_lens` tokens with `n_patches` ViT patches,
+    nanoGPT's estimate: 6 N per token for the N parameters of the LM's layers (forward 2N, backward 4N;
+    the embedding is a lookup and the lm_head runs at the supervised positions only, so both are left
+    out), plus 12 * layers * hidden * T per token of a T-token sequence for attention (causal masking not
+    discounted, as in nanoGPT), plus 2 N_vit per patch for the frozen ViT's forward. Recomputation under
+    activation checkpointing is not counted: this is model FLOPs, for MFU."""
+    n_lm, n_vit, layers, hidden = sizes
+    return sum(6 * n_lm * T + 12 * layers * hidden * T * T for T in seq_lens) + 2 * n_vit * n_patches
+
+
+def hw_stats(device, flops=None, seconds=None):
+    """' | mfu 31.2% | mem 41.3 GiB' for a log line: MFU on CUDA (this GPU's FLOPs against H100_PEAK_FLOPS), the
+    peak memory so far: allocated GPU memory on CUDA, the process's resident set on a CPU."""
+    if device.startswith("cuda"):
+        mfu = f" | mfu {100 * flops / seconds / H100_PEAK_FLOPS:.1f}%" if flops and seconds else ""
+        return mfu + f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+    import resource
+    return f" | mem {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"  # ru_maxrss: KiB on Linux
 
 
 @contextlib.contextmanager
@@ -150,7 +262,8 @@ def latest(out):
 def save_checkpoint(out, model, processor, optimizer=None, extra=None, rank=0):
     """Write a checkpoint atomically: model + processor in save_pretrained layout (what `load`,
     infer.py, grpo.py and vLLM read) plus trainer_state.pt (optimizer, step, RNG, config). It is
-    written to out.tmp and swapped in, so a crash leaves either the old or the new checkpoint.
+    written to out.tmp, whose trainer_state.pt is renamed into place last, and swapped in, so a crash
+    leaves the old checkpoint, the new one, or a whole out.tmp that finish_save swaps in.
     Call it on every rank: under FSDP gathering the full state dict is a collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -158,11 +271,25 @@ def save_checkpoint(out, model, processor, optimizer=None, extra=None, rank=0):
     osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
     if rank != 0:
         return
-    tmp, old = out + ".tmp", out + ".old"
+    tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     unwrap(model).save_pretrained(tmp, state_dict=msd)
     processor.save_pretrained(tmp)
-    torch.save({**(extra or {}), "optimizer": osd}, os.path.join(tmp, "trainer_state.pt"))
+    state = os.path.join(tmp, "trainer_state.pt")
+    torch.save({**(extra or {}), "optimizer": osd}, state + ".part")
+    os.replace(state + ".part", state)  # out.tmp is whole from here on
+    _swap(out)
+
+
+def finish_save(out):
+    """Complete a save that a crash cut off mid-swap (out.tmp whole, its trainer_state.pt in place): it
+    is the newest checkpoint. Rank 0 only, before any rank reads `out`."""
+    if os.path.isfile(os.path.join(out + ".tmp", "trainer_state.pt")):
+        _swap(out)
+
+
+def _swap(out):
+    tmp, old = out + ".tmp", out + ".old"
     if os.path.exists(out):
         for name in os.listdir(out):  # what else lives there (log.jsonl, predictions) moves along
             if not os.path.exists(os.path.join(tmp, name)):
@@ -254,43 +381,52 @@ def tiny_tokenizer(vocab_size=1024):
     return tok
 
 
-def build_tiny(family="qwen2_5_vl", out="out/tiny-qwen2_5_vl", seed=0, hidden=128, layers=2, heads=4,
-               vision_hidden=64, vision_depth=2):
-    """A random tiny Qwen2.5-VL or Qwen3-VL saved in the layout `load` reads. Head dim 32 keeps it
-    inside vLLM's CPU attention kernels (ENVIRONMENT.md)."""
-    from transformers import Qwen2VLImageProcessorPil
-    torch.manual_seed(seed)
-    tok = tiny_tokenizer()
+# The released models' architecture numbers (config.json of Qwen2.5-VL-3B-Instruct and Qwen3-VL-4B-Instruct):
+# `python model.py --random NAME` builds them with random weights and the tiny tokenizer, the vocabulary padded
+# to the real 151,936 rows, so memory and speed can be checked on a GPU without any download.
+REAL = {
+    "qwen2.5-vl-3b": ("qwen2_5_vl",
+                      dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                           num_key_value_heads=2, rope_theta=1e6, mrope_section=[16, 24, 24]),
+                      dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31])),
+    "qwen3-vl-4b": ("qwen3_vl",
+                    dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, rope_theta=5e6, mrope_section=[24, 20, 20]),
+                    dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
+                         num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17], hidden_act="gelu_pytorch_tanh")),
+}
+REAL_VOCAB = 151936
+
+
+def make_config(family, text, vision, tok, vocab_size=None):
+    """A Qwen2.5-VL / Qwen3-VL config from architecture numbers (`text` may hold rope_theta and
+    mrope_section), with `tok`'s special-token ids. Returns (config, model class, patch size)."""
+    text, vision = dict(text), dict(vision)
+    theta, section = text.pop("rope_theta"), text.pop("mrope_section")
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                                                          ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=8192,
-                rms_norm_eps=1e-6, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
-                bos_token_id=None, tie_word_embeddings=True)
-    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
-                  out_hidden_size=hidden, spatial_merge_size=2, temporal_patch_size=2)
-    hd = hidden // heads
+    text.update(vocab_size=vocab_size or len(tok), max_position_embeddings=128000, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id, bos_token_id=None)
+    vision.update(spatial_merge_size=2, temporal_patch_size=2)
     if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration as M
-        processor_class = "Qwen2_5_VLProcessor"
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16]}
-        vision.update(patch_size=14, window_size=112, fullatt_block_indexes=[vision_depth - 1], tokens_per_second=2)
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
-        patch = 14
+        from transformers import Qwen2_5_VLConfig as C, Qwen2_5_VLForConditionalGeneration as cls
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, "mrope_section": section}
+        vision.update(patch_size=14, tokens_per_second=2)
     elif family == "qwen3_vl":
-        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration as M
-        processor_class = "Qwen3VLProcessor"
-        text.update(head_dim=hd, rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6 * hd // 32, 5 * hd // 32, 5 * hd // 32], "mrope_interleaved": True})
-        vision.update(patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0])
-        config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
-        patch = 16
+        from transformers import Qwen3VLConfig as C, Qwen3VLForConditionalGeneration as cls
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, "mrope_section": section, "mrope_interleaved": True}
+        vision.update(patch_size=16)
     else:
         raise ValueError(f"unknown family {family!r}: qwen2_5_vl or qwen3_vl")
-    config.streampro_tiny = True  # load() keeps a tiny model's random projector frozen (see there)
-    # (ours) 2-frame turns: a one-frame turn left the tiny LM to find a change by comparing two turns'
-    # visual tokens 30 tokens apart, which it did not learn within the CPU budget (README)
-    config.streampro_frames_per_turn = 2
-    model = M(config)
+    return C(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids), cls, vision["patch_size"]
+
+
+def save_model(family, config, cls, patch, tok, out, dtype=torch.float32, device="cpu"):
+    """Random weights for `config`, saved with the tiny processor in the layout `load` reads."""
+    from transformers import Qwen2VLImageProcessorPil
+    with torch.device(device):
+        model = cls(config).to(dtype)
     image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
                                                size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
     os.makedirs(out, exist_ok=True)
@@ -300,9 +436,45 @@ def build_tiny(family="qwen2_5_vl", out="out/tiny-qwen2_5_vl", seed=0, hidden=12
     # machine. Not exercised on CPU; the CPU path reads the parts above through Processor.
     with open(os.path.join(out, "video_preprocessor_config.json"), "w") as f:
         json.dump({"video_processor_type": "Qwen2VLVideoProcessor" if family == "qwen2_5_vl" else "Qwen3VLVideoProcessor",
-                   "processor_class": processor_class, "patch_size": patch, "merge_size": 2, "temporal_patch_size": 2,
+                   "processor_class": "Qwen2_5_VLProcessor" if family == "qwen2_5_vl" else "Qwen3VLProcessor",
+                   "patch_size": patch, "merge_size": 2, "temporal_patch_size": 2,
                    "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}}, f, indent=1)
     return out
+
+
+def build_tiny(family="qwen2_5_vl", out="out/tiny-qwen2_5_vl", seed=0, hidden=128, layers=2, heads=4,
+               vision_hidden=64, vision_depth=2, vocab_size=None):
+    """A random tiny Qwen2.5-VL or Qwen3-VL (the CPU default). Head dim 32 keeps it inside vLLM's CPU
+    attention kernels (ENVIRONMENT.md). `vocab_size` pads the embedding rows beyond the tokenizer, as the
+    real checkpoints have (the memory tests pad to 151,936)."""
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    hd = hidden // heads
+    text = dict(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=heads // 2, rope_theta=1e6 if family == "qwen2_5_vl" else 5e6)
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2, out_hidden_size=hidden)
+    if family == "qwen2_5_vl":
+        text["mrope_section"] = [hd // 8, 3 * hd // 16, 3 * hd // 16]
+        vision.update(window_size=112, fullatt_block_indexes=[vision_depth - 1])
+    else:
+        text.update(head_dim=hd, mrope_section=[6 * hd // 32, 5 * hd // 32, 5 * hd // 32])
+        vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
+    config, cls, patch = make_config(family, text, vision, tok, vocab_size)
+    config.streampro_tiny = True  # load() keeps a tiny model's random projector frozen (see there)
+    # (ours) 2-frame turns: a one-frame turn left the tiny LM to find a change by comparing two turns'
+    # visual tokens 30 tokens apart, which it did not learn within the CPU budget (README)
+    config.streampro_frames_per_turn = 2
+    return save_model(family, config, cls, patch, tok, out)
+
+
+def build_random(name, out, device=None):
+    """The real architecture `name` (REAL) with random bf16 weights, the tiny tokenizer and the real
+    vocabulary size; one frame per turn, projector trainable: what the paper's models look like to our
+    code, without a download. Built on the GPU when there is one (seconds; a minute or two on a CPU)."""
+    family, text, vision = REAL[name]
+    config, cls, patch = make_config(family, text, vision, tiny_tokenizer(), REAL_VOCAB)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return save_model(family, config, cls, patch, tiny_tokenizer(), out, torch.bfloat16, device)
 
 
 def ensure_tiny(family="qwen2_5_vl", root="out"):
@@ -315,11 +487,19 @@ def ensure_tiny(family="qwen2_5_vl", root="out"):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", choices=["qwen2_5_vl", "qwen3_vl"], required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tiny", choices=["qwen2_5_vl", "qwen3_vl"])
+    g.add_argument("--random", choices=list(REAL), help="the real architecture with random weights")
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
-    out = build_tiny(a.tiny, a.out or f"out/tiny-{a.tiny}", a.seed)
-    model, processor = load(out)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {out}: {n / 1e6:.2f} M parameters, vocabulary {len(processor.tokenizer)}")
+    a = p.parse_args(cli_args())
+    if a.random:
+        torch.manual_seed(a.seed)
+        out = build_random(a.random, a.out or f"out/random-{a.random}")
+    else:
+        out = build_tiny(a.tiny, a.out or f"out/tiny-{a.tiny}", a.seed)
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    n = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors"))
+    print(f"wrote {out}: {cfg['model_type']}, text hidden {cfg['text_config']['hidden_size']} x {cfg['text_config']['num_hidden_layers']} "
+          f"layers, vocabulary rows {cfg['text_config']['vocab_size']}, weights {n / 2**30:.2f} GiB")

@@ -1,11 +1,11 @@
 """
 GRPO rewards (SPEC section 4): R = w_fmt * R_fmt + w_turn * R_turn + w_traj * R_traj (Eq. 5).
 R_fmt checks every step's decision-token syntax, R_turn is the turn-level F1 with GT-first matching
-(Algorithm 1), R_traj the mean of binary rubric marks. Rubrics come from an LLM designer (--make-rubrics)
+(Algorithm 1), R_traj the mean of binary rubric marks. Rubrics come from an LLM designer (--make_rubrics)
 or, for structured (slot) answers, from offline_rubric(), which needs no endpoint.
 
-    python rewards.py --make-rubrics data/synthetic/train.jsonl --offline
-    python rewards.py --make-rubrics ANN.jsonl --judge-url http://localhost:8000/v1 --judge-model NAME [--api-key-env VAR]
+    python rewards.py --make_rubrics data/synthetic/train.jsonl --offline
+    python rewards.py --make_rubrics ANN.jsonl --judge_url http://localhost:8000/v1 --judge_model NAME [--api_key_env VAR]
 
 Both write ANN.rubrics.jsonl beside the annotations, one {"id", "rubric"} line per sample; a rerun skips
 the ids already written.
@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 
-from data import DECISION_TOKENS, RESPONSE, SILENCE, STANDBY, answer_end, load_annotations
+from data import DECISION_TOKENS, RESPONSE, SILENCE, STANDBY, answer_end, cli_args, load_annotations
 from metric import DIMENSIONS, EPS, ChatClient, JudgeError, ReplyError, accuracy, extract_json, read_jsonl
 
 END_OF_TURN = "<|im_end|>"  # Qwen's end-of-turn token; decoded step outputs may still carry it
@@ -340,15 +340,15 @@ def load_rubrics(ann_path, samples):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Write per-sample trajectory rubrics (SPEC section 4).")
-    ap.add_argument("--make-rubrics", metavar="ANN.jsonl", required=True, help="annotation file")
+    ap.add_argument("--make_rubrics", metavar="ANN.jsonl", required=True, help="annotation file")
     ap.add_argument("--offline", action="store_true", help="write offline_rubric items (slot answers, no LLM)")
-    ap.add_argument("--judge-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
-    ap.add_argument("--judge-model", help="model name sent to the endpoint")
-    ap.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env var holding the API key (may be unset)")
+    ap.add_argument("--judge_url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    ap.add_argument("--judge_model", help="model name sent to the endpoint")
+    ap.add_argument("--api_key_env", default="OPENAI_API_KEY", help="env var holding the API key (may be unset)")
     ap.add_argument("--concurrency", type=int, default=8)
-    args = ap.parse_args()
+    args = ap.parse_args(cli_args())
     if not args.offline and not (args.judge_url and args.judge_model):
-        ap.error("give --judge-url and --judge-model, or --offline")
+        ap.error("give --judge_url and --judge_model, or --offline")
     client = None if args.offline else ChatClient(args.judge_url, args.judge_model, args.api_key_env,
                                                   concurrency=args.concurrency)
     _, failed = make_rubrics(args.make_rubrics, client)

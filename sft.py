@@ -25,6 +25,7 @@ import os
 import random
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 import numpy as np
@@ -94,7 +95,7 @@ def get_args(argv=None):
     g.add_argument("--save_every", type=int, default=60)
     g.add_argument("--log_every", type=int, default=10)
     g.add_argument("--cache_gb", type=float, default=2.0, help="decoded frames kept in memory")
-    args = p.parse_args(argv)
+    args = p.parse_args(data.cli_args(argv))
     if args.preset:  # a preset fills in what the command line left at its default
         for k, v in PRESETS[args.preset].items():
             if getattr(args, k) == p.get_default(k):
@@ -218,11 +219,8 @@ def eval_stream(dmodel, fmt, val, args, rank, world, device, pad_id, autocast):
     with M.full_params(dmodel) as model:
         model = M.unwrap(model)
         for j in range(0, len(idx), args.micro_batch):
-            b = data.collate([val.encode(i) for i in idx[j:j + args.micro_batch]], pad_id)
-            with autocast:
-                logits = model(**{k: v.to(device) for k, v in data.model_inputs(b).items()}).logits[:, :-1].float()
-            y = b["labels"][:, 1:].to(device)
-            ce += torch.tensor([torch.nn.functional.cross_entropy(logits[y != -100], y[y != -100], reduction="sum").item(), (y != -100).sum().item()])
+            logits, y = supervised_logits(model, data.collate([val.encode(i) for i in idx[j:j + args.micro_batch]], pad_id), device, autocast)
+            ce += torch.tensor([torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item(), len(y)])
         for j in range(0, len(idx), iargs.streams):
             batch = [(val.samples[i], val.frames(val.samples[i])) for i in idx[j:j + iargs.streams]]
             outs, _ = infer.run_streams(model, fmt, batch, iargs)
@@ -286,27 +284,20 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
-def setup_dist():
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if not ddp:
-        return False, 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    return True, rank, world, f"cuda:{local}" if cuda else "cpu"
-
-
 def wrap(model, args, ddp, device):
     """DDP for small models; FSDP2 (fully_shard per decoder layer, bf16 compute, fp32 reduce) for
     the 3B/4B backbones. FSDP2 with activation checkpointing is tested on CPU with gloo in fp32
-    (test_torchrun_two_processes_match_one); bf16 and NCCL have not been run (no GPU here)."""
+    (test_torchrun_two_processes_match_one)."""
     if args.grad_ckpt:
         model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if not getattr(args, "train_vision", False):
+            # The frozen ViT needs neither checkpointing nor the hook that makes its input require grad: with
+            # them the whole frozen tower went into the backward (22% of the CUDA time at 3B, ENVIRONMENT.md).
+            # The LM's trained embedding makes its own input require grad without the hook.
+            model.disable_input_require_grads()
+            for block in model.model.visual.blocks:
+                block.gradient_checkpointing = False
     if args.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=getattr(torch, args.dtype), reduce_dtype=torch.float32)
@@ -327,8 +318,39 @@ def set_grad_sync(model, flag):
         model.set_requires_gradient_sync(flag)
 
 
+def autocast_for(device, args):
+    """bf16 autocast on CUDA without FSDP (FSDP2's mixed-precision policy casts by itself)."""
+    on = device.startswith("cuda") and args.dtype == "bfloat16" and not args.fsdp
+    return torch.autocast("cuda", dtype=torch.bfloat16) if on else nullcontext()
+
+
+def supervised_logits(model, b, device, autocast):
+    """Logits (N, V) at the N positions whose next token is supervised, and those tokens (N,). The
+    lm_head runs at those positions only: a conversation's whole [T, V] logits (29k x 152k in fp32 at
+    3B) were the first out-of-memory on a GPU."""
+    nxt = b["labels"][:, 1:]
+    keep = torch.zeros_like(b["labels"], dtype=torch.bool)
+    keep[:, :-1] = nxt != -100
+    with autocast:
+        logits = model(**{k: v.to(device) for k, v in data.model_inputs(b).items()}, logits_to_keep=keep.to(device)).logits
+    return logits, nxt[nxt != -100].to(device)
+
+
+def resume_point(args):
+    """The checkpoint --resume continues from, or None (then it says what --out holds)."""
+    if not args.resume:
+        return None
+    ckpt = M.latest(args.out)
+    if ckpt and os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
+        return ckpt
+    held = ", ".join(sorted(os.listdir(args.out))) if os.path.isdir(args.out) else None
+    print0(f"--resume: {args.out} holds no checkpoint yet ({'it holds: ' + held if held else 'it does not exist'}); "
+           f"starting from {args.model}")
+    return None
+
+
 def main(args):
-    ddp, rank, world, device = setup_dist()
+    ddp, rank, world, device = M.setup_dist()
     torch.manual_seed(args.seed + rank)
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} must be a multiple of the number of processes ({world})")
@@ -337,28 +359,27 @@ def main(args):
             data.ensure_synthetic()
         if args.model is None:
             M.ensure_tiny(args.family)
-    if ddp:
-        dist.barrier()
     if args.model is None and args.stage == "offline":
         args.model = f"out/tiny-{args.family}"
     elif args.model is None:  # tiny random -> offline perception stage -> streaming SFT
         args.model = f"out/base-{args.family}"
+        if ddp:
+            dist.barrier()
         if not M.latest(args.model):
             print0(f"no tiny base model at {args.model}: running the offline perception stage first")
             base = get_args(["--stage", "offline", "--family", args.family, "--seed", str(args.seed)])
             base.model = f"out/tiny-{args.family}"
             run(base, ddp, rank, world, device)
     run(args, ddp, rank, world, device)
-    if ddp:
-        dist.destroy_process_group()
+    M.teardown_dist(ddp)
 
 
 def run(args, ddp, rank, world, device):
-    ckpt = M.latest(args.out) if args.resume else None
-    if ckpt and not os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
-        ckpt = None
-    if args.resume and not ckpt:
-        print0(f"--resume: no checkpoint in {args.out} yet, starting from {args.model}")
+    if rank == 0:
+        M.finish_save(args.out)  # a save cut off mid-swap is completed before anyone reads --out
+    if ddp:
+        dist.barrier()
+    ckpt = resume_point(args)
     if args.stage == "offline" and not args.resume and M.latest(args.out):
         print0(f"{args.out} exists: offline stage skipped (delete it or pass --resume to continue)")
         return
@@ -370,39 +391,21 @@ def run(args, ddp, rank, world, device):
     if args.stage == "stream":
         train = StreamData(args.data, fmt, args, levels)
         val = StreamData(args.val, fmt, args, levels) if args.val and os.path.isfile(args.val) else None
-        n = len(train.samples)
-        max_steps = args.max_steps or math.ceil(args.epochs * n / args.batch)
+        max_steps = args.max_steps or math.ceil(args.epochs * len(train.samples) / args.batch)
+        load_step = lambda step: [train.encode(i) for i in batch_indices(step, args.batch, len(train.samples), args.seed)[rank::world]]
     else:
         max_steps = args.max_steps
-    if args.stage == "offline" and not ckpt:
-        center_projector(model, fmt, args.seed)
-    proj_lr = args.lr if args.projector_lr is None else args.projector_lr  # (a tiny model's stays frozen: model.load)
-    if proj_lr == 0:
-        for p in model.model.visual.merger.parameters():
-            p.requires_grad = False
-    model.train()
-    dmodel = wrap(model, args, ddp, device)
-    named = [(n, p) for n, p in dmodel.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    groups = [{"params": [p for n, p in named if "visual" not in n], "lr_scale": 1.0},
-              {"params": [p for n, p in named if "visual" in n], "lr_scale": proj_lr / args.lr}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95),
-                            weight_decay=args.weight_decay, fused=device.startswith("cuda"))
-    step = 0
-    if ckpt:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        M.set_optimizer_state(dmodel, opt, state["optimizer"])
-        step = state["step"]
-        random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"]), torch.set_rng_state(state["rng"]["torch"])
-        print0(f"resumed {ckpt} at step {step}")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.startswith("cuda") and args.dtype == "bfloat16" and not args.fsdp) else nullcontext()
+        load_step = lambda step: perception_batch(fmt, args.batch, seed=[args.seed, step])[rank::world]
+        if not ckpt:
+            center_projector(model, fmt, args.seed)
+    dmodel, opt, params = make_optimizer(model, args, ddp, device)
+    start = step = restore(ckpt, dmodel, opt)
     cfg = vars(args).copy()
     print0(json.dumps(cfg))
-    n_params = sum(p.numel() for p in params)
-    print0(f"{args.stage} stage: {args.model} -> {args.out}, {n_params / 1e6:.2f} M trainable parameters, {world} process(es), {max_steps} steps")
-    log = None
-    if rank == 0:
-        log = M.open_log(args.out, step)
+    print0(f"{args.stage} stage: {args.model} -> {args.out}, {sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters, "
+           f"{world} process(es), {max_steps} steps")
+    log = M.open_log(args.out, step) if rank == 0 else None
+    autocast = autocast_for(device, args)
 
     def evaluate():
         if args.stage == "stream":
@@ -413,68 +416,129 @@ def run(args, ddp, rank, world, device):
         M.save_checkpoint(args.out, dmodel, processor, opt, {"step": step, "config": cfg, "rng": {
             "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}, rank)
 
-    t_last, tokens = time.time(), 0
-    while step < max_steps:
-        # the step's conversations: this rank's share of the global batch, encoded up front so the
-        # class counts and the token count of the whole global batch are known before any backward
-        if args.stage == "stream":
-            idx = batch_indices(step, args.batch, n, args.seed)[rank::world]
-            items = [train.encode(i) for i in idx]
-        else:
-            items = perception_batch(fmt, args.batch, seed=[args.seed, step])[rank::world]
-        labels = torch.cat([x["labels"][1:] for x in items])
-        counts = class_counts(labels, decision_ids)
-        totals = torch.cat([counts, torch.tensor([(labels != -100).sum().item(), sum(len(x["input_ids"]) for x in items)], dtype=torch.float64)])
-        if ddp:
-            dist.all_reduce(totals)
-        counts, n_sup, n_tok = totals[:-2], int(totals[-2]), int(totals[-1])
-        lr = lr_at(step, max_steps, args.lr, args.warmup, args.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr * g["lr_scale"]
-        loss_sum = 0.0
-        micro = [items[j:j + args.micro_batch] for j in range(0, len(items), args.micro_batch)]
-        for j, mb in enumerate(micro):
-            set_grad_sync(dmodel, j == len(micro) - 1)
-            b = data.collate(mb, pad_id)
-            with autocast:
-                logits = dmodel(**{k: v.to(device) for k, v in data.model_inputs(b).items()}).logits[:, :-1]
-            loss = sft_loss(args.loss if args.stage == "stream" else "ce", logits, b["labels"][:, 1:].to(device), decision_ids,
-                            counts=counts, num_items=n_sup, beta=args.beta, lambda_text=args.lambda_text, gamma=args.gamma)
-            (loss * world).backward()  # DDP/FSDP average gradients over ranks; the loss is already global
-            loss_sum += loss.item()
-        if ddp:
-            t = torch.tensor([loss_sum], dtype=torch.float64)
-            dist.all_reduce(t)
-            loss_sum = t.item()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item() if args.grad_clip > 0 else float("nan")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens += n_tok
-        rec = {"step": step, "loss": loss_sum, "lr": lr, "gnorm": gnorm, "counts": [int(c) for c in counts]}
-        if step % args.log_every == 0 or step == max_steps:
-            dt = time.time() - t_last
-            names = [t[2:-1].lower() for t in data.STATES[args.states]]
-            cls = " ".join(f"{k}={int(c)}" for k, c in zip(names, counts)) if args.stage == "stream" else ""
-            print0(f"step {step}/{max_steps} loss {loss_sum:.4f} lr {lr:.2e} gnorm {gnorm:.2f} {cls} tok/s {tokens / dt:.0f}")
-            rec["tok_per_s"] = tokens / dt
-            t_last, tokens = time.time(), 0
-        if (args.eval_every and step % args.eval_every == 0) or step == max_steps:
-            ev = evaluate()
-            if ev:
+    meter = Meter(model, device)
+    # the next step's conversations are encoded in a thread while this step trains (data position is a
+    # function of the step, so resuming stays exact); eval and save wait for it (they share the tokenizer)
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(load_step, step) if step < max_steps else None
+        while step < max_steps:
+            items = nxt.result()
+            nxt = pool.submit(load_step, step + 1) if step + 1 < max_steps else None
+            counts, n_sup, n_tok = global_totals(items, decision_ids, ddp)
+            lr = lr_at(step, max_steps, args.lr, args.warmup, args.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            loss = forward_backward(dmodel, items, args, counts, n_sup, decision_ids, pad_id, device, world, autocast, ddp)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item() if args.grad_clip > 0 else None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            meter.add(n_tok, [len(x["input_ids"]) for x in items], sum(len(x["pixel_values"]) for x in items))
+            rec = {"step": step, "loss": loss, "lr": lr, "gnorm": gnorm, "counts": [int(c) for c in counts]}
+            if step % args.log_every == 0 or step == max_steps:
+                names = [t[2:-1].lower() for t in data.STATES[args.states]]
+                cls = " | " + " ".join(f"{k} {int(c)}" for k, c in zip(names, counts)) if args.stage == "stream" else ""
+                rec["tok_per_s"], hw = meter.read()
+                print0(f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {'-' if gnorm is None else f'{gnorm:.2f}'}"
+                       f"{cls} | {rec['tok_per_s']:,.0f} tok/s{hw}")
+            if (args.eval_every and step % args.eval_every == 0) or step == max_steps:
+                nxt and nxt.result()
+                ev = evaluate()
                 rec.update(ev)
-                print0("eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-            t_last = time.time()  # throughput counts training only
-        if log:
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-        if step % args.save_every == 0 or step == max_steps or step == args.stop_at:
-            save()
-        if step == args.stop_at:
-            print0(f"stopped at step {step} (--stop_at): continue with --resume")
-            break
-    if ckpt and state["step"] >= max_steps:
+                if ev:
+                    print0("eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                meter.restart()  # throughput counts training only
+            if log:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            if step % args.save_every == 0 or step == max_steps or step == args.stop_at:
+                nxt and nxt.result()
+                save()
+            if step == args.stop_at:
+                print0(f"stopped at step {step} (--stop_at): continue with --resume")
+                break
+    if start >= max_steps:
         print0(f"nothing to do: {args.out} is at step {step} of {max_steps}")
+
+
+def make_optimizer(model, args, ddp, device):
+    """The wrapped model and AdamW over what trains; the projector may have its own learning rate."""
+    proj_lr = args.lr if args.projector_lr is None else args.projector_lr  # (a tiny model's stays frozen: model.load)
+    if proj_lr == 0:
+        for p in model.model.visual.merger.parameters():
+            p.requires_grad = False
+    model.train()
+    dmodel = wrap(model, args, ddp, device)
+    named = [(n, p) for n, p in dmodel.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if "visual" not in n], "lr_scale": 1.0},
+              {"params": [p for n, p in named if "visual" in n], "lr_scale": proj_lr / args.lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95),
+                            weight_decay=args.weight_decay, fused=device.startswith("cuda"))
+    return dmodel, opt, [p for _, p in named]
+
+
+def restore(ckpt, dmodel, opt):
+    """Optimizer, step and RNG state of a checkpoint (step 0 without one)."""
+    if not ckpt:
+        return 0
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    M.set_optimizer_state(dmodel, opt, state["optimizer"])
+    random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"]), torch.set_rng_state(state["rng"]["torch"])
+    print0(f"resumed {ckpt} at step {state['step']}")
+    return state["step"]
+
+
+def global_totals(items, decision_ids, ddp):
+    """Decision-class counts, supervised tokens and tokens of the whole global batch (all ranks), known
+    before any backward: CB-Stream's weights and the loss normaliser are global (SPEC section 2)."""
+    labels = torch.cat([x["labels"][1:] for x in items])
+    totals = torch.cat([class_counts(labels, decision_ids),
+                        torch.tensor([(labels != -100).sum().item(), sum(len(x["input_ids"]) for x in items)], dtype=torch.float64)])
+    if ddp:
+        dist.all_reduce(totals)  # a CPU tensor: gloo's half of the process group (model.setup_dist)
+    return totals[:-2], int(totals[-2]), int(totals[-1])
+
+
+def forward_backward(dmodel, items, args, counts, n_sup, decision_ids, pad_id, device, world, autocast, ddp):
+    """This rank's share of the step in micro-batches of similar length (less padding), gradients
+    all-reduced on the last one. Returns the step's loss (global: every micro-batch's loss is already
+    normalised by the global number of supervised tokens)."""
+    items = sorted(items, key=lambda x: len(x["input_ids"]))
+    micro = [items[j:j + args.micro_batch] for j in range(0, len(items), args.micro_batch)]
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for j, mb in enumerate(micro):
+        set_grad_sync(dmodel, j == len(micro) - 1)
+        logits, targets = supervised_logits(dmodel, data.collate(mb, pad_id), device, autocast)
+        loss = sft_loss(args.loss if args.stage == "stream" else "ce", logits, targets, decision_ids,
+                        counts=counts, num_items=n_sup, beta=args.beta, lambda_text=args.lambda_text, gamma=args.gamma)
+        (loss * world).backward()  # DDP/FSDP average gradients over ranks; the loss is already global
+        total += loss.detach()
+        del logits, loss  # freed before the next micro-batch's forward, not after it
+    if ddp:
+        dist.all_reduce(total)
+    return total.item()
+
+
+class Meter:
+    """Tokens per second and MFU since the last read, and the peak memory so far (model.hw_stats)."""
+
+    def __init__(self, model, device):
+        self.sizes, self.device = M.flop_sizes(model), device
+        self.restart()
+
+    def restart(self):
+        self.t, self.tokens, self.flops = time.time(), 0, 0
+
+    def add(self, tokens, seq_lens, n_patches):
+        """`tokens`: the global batch's; `seq_lens`, `n_patches`: this rank's share (MFU is per GPU)."""
+        self.tokens += tokens
+        self.flops += M.train_flops(self.sizes, seq_lens, n_patches)
+
+    def read(self):
+        dt = max(time.time() - self.t, 1e-9)
+        out = self.tokens / dt, M.hw_stats(self.device, self.flops, dt)
+        self.restart()
+        return out
 
 
 if __name__ == "__main__":

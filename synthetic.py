@@ -3,8 +3,8 @@ The synthetic proactive benchmark: real H.264 mp4 files of coloured shapes on a 
 questions and timed answers whose ground truth is known exactly, covering the seven StreamPro-Bench
 tasks. It is the default data of every script, so the whole pipeline runs offline on a CPU.
 
-    python data.py --make-synthetic                      # default sizes, into data/synthetic
-    python synthetic.py --out data/synthetic --n-train 1200 --levels 0,1,2 --seed 0
+    python data.py --make_synthetic                      # default sizes, into data/synthetic
+    python synthetic.py --out data/synthetic --n_train 1200 --levels 0,1,2 --seed 0
 
 Difficulty levels (measured with the tiny models, see README):
   0  one square changes colour at random times; "tell me when the square turns red"        (OU)
@@ -331,8 +331,9 @@ def describe(scene, s):
 
 def perception_pairs(n, seed=0, size=56, max_objects=2):
     """n single-turn examples {"frames": uint8 (F, H, W, 3), "prompt", "answer", "slots"}: one frame
-    -> "Describe the frame." or two consecutive frames -> "What changed?"."""
-    rng = np.random.default_rng([seed, 7])
+    -> "Describe the frame." or two consecutive frames -> "What changed?". `seed`: an int or a flat
+    sequence of ints (numpy >= 2.5 rejects nested seed lists)."""
+    rng = np.random.default_rng([*np.ravel(seed).tolist(), 7])
     out = []
     while len(out) < n:
         sc = Scene(rng, 2, size, int(rng.integers(1, max_objects + 1)))
@@ -380,15 +381,16 @@ def corpus():
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/synthetic")
-    p.add_argument("--n-train", type=int, default=1200)
-    p.add_argument("--n-val", type=int, default=120)
-    p.add_argument("--n-test", type=int, default=210)
+    p.add_argument("--n_train", type=int, default=1200)
+    p.add_argument("--n_val", type=int, default=120)
+    p.add_argument("--n_test", type=int, default=210)
     p.add_argument("--levels", default="0,1,2", help="comma-separated difficulty levels to mix")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-dur", type=int, default=16)
-    p.add_argument("--max-dur", type=int, default=40)
+    p.add_argument("--min_dur", type=int, default=16)
+    p.add_argument("--max_dur", type=int, default=40)
     p.add_argument("--size", type=int, default=56, help="frame side in pixels")
     p.add_argument("--workers", type=int, default=2)
-    a = p.parse_args()
+    from data import cli_args
+    a = p.parse_args(cli_args())
     generate(a.out, a.n_train, a.n_val, a.n_test, tuple(int(x) for x in a.levels.split(",")), a.seed,
              a.min_dur, a.max_dur, a.size, workers=a.workers)

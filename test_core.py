@@ -1023,7 +1023,7 @@ def test_bench_show_and_default_ann(tmp_path, monkeypatch):
     assert "P0 at 11s -> G0  S_time 0.75  S_acc 1.00" in text and "P1 at 30s -> no window (unmatched)" in text
     assert "G1: t_opt 25s  window [22, 28]s  no match" in text
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(bench.BenchError, match="python data.py --make-synthetic"):
+    with pytest.raises(bench.BenchError, match="python data.py --make_synthetic"):
         bench.main(["--baseline", "oracle"])
 
 
@@ -1032,7 +1032,7 @@ def test_bench_http_judge_end_to_end(tmp_path):
     try:
         ann = bench_ann(tmp_path)
         res = bench.main(["--ann", ann, "--baseline", "oracle", "--out", str(tmp_path / "o.preds.jsonl"), "--judge", "http",
-                          "--judge-url", stub.url, "--judge-model", "m", "--judge-cache", str(tmp_path / "c.jsonl")])
+                          "--judge_url", stub.url, "--judge_model", "m", "--judge_cache", str(tmp_path / "c.jsonl")])
         assert res["summary"]["w_avg"] == 1.0 and len(stub.requests) == 5  # 6 answers, TG needs no judge
     finally:
         stub.close()
@@ -1052,7 +1052,7 @@ OVO_ITEMS = [
 def test_ovo_converter(tmp_path):
     src, dst = tmp_path / "ovo.json", tmp_path / "far.jsonl"
     src.write_text(json.dumps(OVO_ITEMS))
-    assert bench.main(["--from-ovo", str(src), "--out", str(dst)]) == {"REC": 1, "SSR": 1, "CRR": 1}
+    assert bench.main(["--from_ovo", str(src), "--out", str(dst)]) == {"REC": 1, "SSR": 1, "CRR": 1}
     by_id = {s["id"]: s for s in load_annotations(str(dst), check_videos=False)}
     assert by_id["ovo_REC_1"]["answers"] == [{"time": 5.0, "text": "1", "slots": {"count": 1}},
                                              {"time": 12.0, "text": "2", "slots": {"count": 2}}]
@@ -1162,10 +1162,10 @@ def test_incremental_decoding_equals_reencoding_every_turn(trained, synth):
         pv, grid, n = fmt.images(frames[k][None])
         recs.append({"pv": pv, "grid": grid})
         ids += fmt.user_ids(data.time_marker(k), n[0], s["question"] if k == q else None)
-        t, _ = pol.first(full_logits(model, fmt, ids, recs)[-1], 0, silent=k < q)
+        t = pol.sil if k < q else pol.first(full_logits(model, fmt, ids, recs)[-1:])[0][0]
         content = [t]
         while content[0] == fmt.decision_ids[data.RESPONSE] and t != fmt.eos_id:
-            t = fmt.eos_id if len(content) >= args.max_new else pol.next(full_logits(model, fmt, ids + content, recs)[-1], 0)[0]
+            t = fmt.eos_id if len(content) >= args.max_new else pol.next(full_logits(model, fmt, ids + content, recs)[-1:])[0][0]
             content.append(t)
         if content[0] != fmt.decision_ids[data.RESPONSE]:
             content.append(fmt.eos_id)
@@ -1183,7 +1183,7 @@ def test_offline_model_wait_protocol(tiny, synth):
     fmt = data.ChatFormat(processor, M.frames_per_turn(model))
     s = next(x for x in data.load_annotations(str(synth / "test.jsonl")) if x["query_time"] > 0)
     frames, _ = fmt.video(s["video_path"])
-    out, S = infer.run_streams(model, fmt, [(s, frames)], infer.get_args(["--offline-model", tiny["qwen2_5_vl"], "--max-new", "4"]))
+    out, S = infer.run_streams(model, fmt, [(s, frames)], infer.get_args(["--offline_model", tiny["qwen2_5_vl"], "--max_new", "4"]))
     q = data.question_turn(s["query_time"])
     assert "reply Wait" in fmt.tok.decode(S.system) and len(out[0]["p_response"]) == len(out[0]["decisions"]) == len(frames)
     turns = [r for seg in S.segments[0] for r in seg["turns"]]
@@ -1344,7 +1344,7 @@ def test_rollout_log_probs_are_reproduced_by_a_full_forward(trained, synth):
     s = data.load_annotations(str(synth / "train.jsonl"))[0]
     frames, _ = fmt.video(s["video_path"])
     gen = torch.Generator().manual_seed(0)
-    trajs = grpo.rollout(model, fmt, [(s, frames)], rollout_args(), gen)
+    trajs = grpo.rollout(model, fmt, [(s, frames)], rollout_args(), gen, M.vocab_mask(model, fmt.tok))
     assert len(trajs) == 2 and all(len(t["steps"]) == len(frames) - data.question_turn(s["query_time"]) for t in trajs)
     n = 0
     for t in trajs:
@@ -1352,12 +1352,11 @@ def test_rollout_log_probs_are_reproduced_by_a_full_forward(trained, synth):
             b = grpo.collate_seqs([{**seq, "adv": 1.0}], fmt.tok.pad_token_id, fmt.image_token_id, "cpu")
             with torch.no_grad():
                 logp = grpo.token_logp(model, b, 1.0, M.vocab_mask(model, fmt.tok))
-            m = b["train"] > 0
-            assert torch.allclose(logp[m], b["old"][m], atol=1e-4)
-            n += int(m.sum())
+            assert len(logp) == sum(seq["train"]) and torch.allclose(logp, b["old"], atol=1e-4)
+            n += len(logp)
             # the trained tokens are exactly the sampled assistant tokens: no frame, user or system token
-            ids = b["ids"][0, 1:][m[0]]
-            assert not (ids == fmt.image_token_id).any()
+            assert not (b["target"] == fmt.image_token_id).any()
+            assert b["target"].tolist() == [i for i, t in zip(seq["ids"], seq["train"]) if t]
     assert n >= 2 * (len(frames) - data.question_turn(s["query_time"]))  # at least one sampled token per decided turn
 
 
@@ -1366,7 +1365,7 @@ def test_one_update_moves_log_probs_by_the_sign_of_the_advantage(trained, synth)
     fmt = data.ChatFormat(processor, M.frames_per_turn(model))
     s = data.load_annotations(str(synth / "train.jsonl"))[0]
     frames, _ = fmt.video(s["video_path"])
-    traj = grpo.rollout(model, fmt, [(s, frames)], rollout_args("--group", "1"), torch.Generator().manual_seed(1))[0]
+    traj = grpo.rollout(model, fmt, [(s, frames)], rollout_args("--group", "1"), torch.Generator().manual_seed(1), M.vocab_mask(model, fmt.tok))[0]
     seq = grpo.sequences(traj)[0]
     start = {k: v.clone() for k, v in model.state_dict().items()}
     moved = {}
@@ -1374,14 +1373,14 @@ def test_one_update_moves_log_probs_by_the_sign_of_the_advantage(trained, synth)
         model.load_state_dict(start)
         b = grpo.collate_seqs([{**seq, "adv": adv}], fmt.tok.pad_token_id, fmt.image_token_id, "cpu")
         logp = grpo.token_logp(model, b, 1.0)
-        loss = (grpo.clipped_token_loss(logp, logp.detach(), b["adv"]) * b["train"]).sum() / b["train"].sum()
+        loss = grpo.clipped_token_loss(logp, logp.detach(), b["adv"]).sum() / len(logp)
         g, = torch.autograd.grad(loss, logp, retain_graph=True)
-        assert (g[b["train"] == 0] == 0).all() and (g[b["train"] > 0] != 0).all()  # frames and user text are not trained
+        assert len(g) == sum(seq["train"]) and (g != 0).all()  # every sampled token is trained, nothing else is
         loss.backward()
         torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3).step()  # small: first order
         model.zero_grad()
         with torch.no_grad():
-            moved[adv] = float(((grpo.token_logp(model, b, 1.0) - logp.detach()) * b["train"]).sum())
+            moved[adv] = float((grpo.token_logp(model, b, 1.0) - logp.detach()).sum())
     assert moved[1.0] > 0 > moved[-1.0], moved
 
 
