@@ -89,6 +89,7 @@ def resolve(path):
     """The directory to load for `path`: its checkpoint (or `path.old`, when a save was cut off mid-swap),
     a hub id as it is, or an error that says what a local directory holds instead of a checkpoint (a run
     that died before its first save leaves only log.jsonl)."""
+    path = os.fspath(path)
     found = latest(path)
     if found:
         return found
@@ -253,6 +254,7 @@ def full_params(model):
 
 def latest(out):
     """The checkpoint directory to read: `out`, or `out.old` when a save was cut off mid-swap."""
+    out = os.fspath(out)
     for d in (out, out + ".old"):
         if d and os.path.isfile(os.path.join(d, "config.json")):
             return d

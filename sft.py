@@ -206,21 +206,30 @@ def eval_stream(dmodel, fmt, val, args, rank, world, device, pad_id, autocast):
     per-class decision accuracy and response precision / recall / rate over the turns from the
     question on, StreamPro-F1 (offline judge), and the threshold-free ROC-AUC of p(</Response>) at
     every decision: a class-balanced loss mostly moves the decision threshold, and the AUC tells that
-    apart from better perception."""
+    apart from better perception. `tf_auc` is the same AUC teacher-forced (the true conversation in
+    context): a model that sees the change but derails on its own outputs has tf_auc >> auc."""
     import infer
     import metric
     dmodel.eval()
     idx = list(range(min(args.eval_samples, len(val.samples))))[rank::world]
     ce = torch.zeros(2, dtype=torch.float64)
     iargs = infer.get_args(["--states", str(args.states), "--fps", str(args.fps), "--window", str(args.window)])
-    judge, rows = metric.OfflineJudge.from_samples(val.samples), []
+    judge, rows, tf = metric.OfflineJudge.from_samples(val.samples), [], []
     # ranks hold different numbers of samples, so no forward may talk to the other ranks: the whole
     # model is gathered once and called unwrapped (no DDP hooks, no FSDP all-gather per layer)
     with M.full_params(dmodel) as model:
         model = M.unwrap(model)
+        rsp = fmt.decision_ids[data.RESPONSE]
         for j in range(0, len(idx), args.micro_batch):
-            logits, y = supervised_logits(model, data.collate([val.encode(i) for i in idx[j:j + args.micro_batch]], pad_id), device, autocast)
+            items = [val.encode(i) for i in idx[j:j + args.micro_batch]]
+            logits, y, keep = supervised_logits(model, data.collate(items, pad_id), device, autocast)
             ce += torch.tensor([torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item(), len(y)])
+            row = torch.full(keep.shape, -1, dtype=torch.long)
+            row[keep] = torch.arange(int(keep.sum()))
+            p = torch.softmax(logits.float(), -1)[:, rsp].cpu()
+            for i, x in enumerate(items):  # p(</Response>) at each decision from the question on, teacher-forced
+                q = next(t["k"] for t in x["turns"] if t["question"])
+                tf += [(p[row[i, d - 1]].item(), t["decision"] == data.RESPONSE) for (_, d, _), t in zip(x["turn_spans"], x["turns"]) if t["k"] >= q]
         for j in range(0, len(idx), iargs.streams):
             batch = [(val.samples[i], val.frames(val.samples[i])) for i in idx[j:j + iargs.streams]]
             outs, _ = infer.run_streams(model, fmt, batch, iargs)
@@ -232,8 +241,8 @@ def eval_stream(dmodel, fmt, val, args, rank, world, device, pad_id, autocast):
     if world > 1:
         dist.all_reduce(ce)
         gathered = [None] * world
-        dist.all_gather_object(gathered, rows)
-        rows = [r for g in gathered for r in g]
+        dist.all_gather_object(gathered, (rows, tf))
+        rows, tf = [r for g in gathered for r in g[0]], [x for g in gathered for x in g[1]]
     dmodel.train()
     lab = [x for r in rows for x in r[0]]
     pred = [x for r in rows for x in r[1]]
@@ -242,6 +251,7 @@ def eval_stream(dmodel, fmt, val, args, rank, world, device, pad_id, autocast):
            "rsp_precision": hit / max(1, pred.count(data.RESPONSE)), "rsp_recall": hit / max(1, lab.count(data.RESPONSE)),
            "rsp_rate": pred.count(data.RESPONSE) / max(1, len(pred)), "true_rate": lab.count(data.RESPONSE) / max(1, len(lab)),
            "auc": metric.roc_auc([x for r in rows for x in r[2]], [l == data.RESPONSE for l in lab]),
+           "tf_auc": metric.roc_auc(*zip(*tf)) if tf else float("nan"),
            "f1": float(np.mean([r[3]["f1"] for r in rows])) if rows else float("nan")}
     for t in data.STATES[args.states]:
         n = lab.count(t)
@@ -325,7 +335,8 @@ def autocast_for(device, args):
 
 
 def supervised_logits(model, b, device, autocast):
-    """Logits (N, V) at the N positions whose next token is supervised, and those tokens (N,). The
+    """Logits (N, V) at the N positions whose next token is supervised, those tokens (N,) and the
+    positions (a bool (B, L) mask whose True entries are the N rows, in row-major order). The
     lm_head runs at those positions only: a conversation's whole [T, V] logits (29k x 152k in fp32 at
     3B) were the first out-of-memory on a GPU."""
     nxt = b["labels"][:, 1:]
@@ -333,7 +344,7 @@ def supervised_logits(model, b, device, autocast):
     keep[:, :-1] = nxt != -100
     with autocast:
         logits = model(**{k: v.to(device) for k, v in data.model_inputs(b).items()}, logits_to_keep=keep.to(device)).logits
-    return logits, nxt[nxt != -100].to(device)
+    return logits, nxt[nxt != -100].to(device), keep
 
 
 def resume_point(args):
@@ -508,7 +519,7 @@ def forward_backward(dmodel, items, args, counts, n_sup, decision_ids, pad_id, d
     total = torch.zeros((), dtype=torch.float64, device=device)
     for j, mb in enumerate(micro):
         set_grad_sync(dmodel, j == len(micro) - 1)
-        logits, targets = supervised_logits(dmodel, data.collate(mb, pad_id), device, autocast)
+        logits, targets, _ = supervised_logits(dmodel, data.collate(mb, pad_id), device, autocast)
         loss = sft_loss(args.loss if args.stage == "stream" else "ce", logits, targets, decision_ids,
                         counts=counts, num_items=n_sup, beta=args.beta, lambda_text=args.lambda_text, gamma=args.gamma)
         (loss * world).backward()  # DDP/FSDP average gradients over ranks; the loss is already global
