@@ -188,7 +188,8 @@ def results_table(run_dirs, stem="test"):
         sm = res["summary"]
         f1 = lambda d: sm["dims"][d]["f1"] if d in sm["dims"] else None
         lv = lambda k: sm.get("levels", {}).get(str(k), {}).get("w_avg")  # JSON keys are strings
-        return [f1("PU"), f1("TR"), f1("PA"), sm["avg"], sm["w_avg"], lv(0), lv(1), lv(2), sm["response_rate"], sm.get("auc")]
+        return [f1("PU"), f1("TR"), f1("PA"), sm["avg"], sm["w_avg"], lv(0), lv(1), lv(2), sm["response_rate"], sm.get("auc"),
+                sm.get("auc_levels_01")]
 
     def cell(xs, i):
         xs = [x for x in xs if x is not None]
@@ -199,7 +200,7 @@ def results_table(run_dirs, stem="test"):
         fmt = "{:.3f}" if scale == 1 else "{:.1f}"
         return fmt.format(m) + (" ± " + fmt.format(np.std(xs, ddof=1) * scale) if len(xs) > 1 else "")
 
-    lines = ["| model | " + " | ".join(cols) + " | Avg per seed |", "|---" * (len(cols) + 2) + "|"]
+    lines = ["| model | " + " | ".join(cols) + " | Avg per seed | AUC L0–1 per seed |", "|---" * (len(cols) + 3) + "|"]
     for name, sub, tuned in RUNS:
         found = []
         for d in run_dirs:
@@ -209,12 +210,13 @@ def results_table(run_dirs, stem="test"):
                 found.append(values(json.load(open(files[-1]))))
         if found:
             per_seed = " / ".join(f"{100 * f[3]:.1f}" for f in found)
-            lines.append(f"| {name} | " + " | ".join(cell([f[i] for f in found], i) for i in range(len(cols))) + f" | {per_seed} |")
+            auc01 = " / ".join("-" if f[-1] is None else f"{f[-1]:.2f}" for f in found)
+            lines.append(f"| {name} | " + " | ".join(cell([f[i] for f in found], i) for i in range(len(cols))) + f" | {per_seed} | {auc01} |")
     for b in ("oracle", "silent", "every-turn", "random"):
         path = os.path.join("out", "bench", f"{stem}.{b}.preds.results.json")
         if os.path.isfile(path):
             v = values(json.load(open(path)))
-            lines.append(f"| baseline: {b} | " + " | ".join(cell([v[i]], i) for i in range(len(cols))) + " | |")
+            lines.append(f"| baseline: {b} | " + " | ".join(cell([v[i]], i) for i in range(len(cols))) + " | | |")
     return "\n".join(lines)
 
 
@@ -466,6 +468,11 @@ def main(argv=None):
     scores, labels = decision_scores(samples, preds_path)
     summary["auc"] = roc_auc(scores, labels) if scores else None
     summary["levels"] = by_level(samples, rows)
+    auc_of = lambda ss: (lambda v: None if np.isnan(v) else v)(roc_auc(*decision_scores(ss, preds_path)))  # null, not NaN, in JSON
+    for lv, m in summary["levels"].items():  # each level's own ROC-AUC, and the levels the CPU default trains on (0-1)
+        m["auc"] = auc_of([s for s in samples if s.get("level") == lv])
+    if summary["levels"]:
+        summary["auc_levels_01"] = auc_of([s for s in samples if s.get("level") in (0, 1)])
     missing = sum(s["id"] not in preds for s in samples)
     judge_name = "offline (slot match / word overlap, not the paper's LLM judge)" if args.judge == "offline" \
         else f"http {args.judge_model} at {args.judge_url}"

@@ -486,6 +486,21 @@ def cli_args(argv=None):
     return [fix(w) if w.startswith("--") and len(w) > 2 else w for w in argv]
 
 
+def fill_defaults(args, words, values):
+    """Set `values` (a preset's or a stage's defaults) on args, except the flags given on the command line
+    (`words`, from cli_args), even at the global default: `--backend hf` under a vLLM preset stays hf."""
+    given = {w[2:].split("=", 1)[0] for w in words if w.startswith("--")}
+    for k, v in values.items():
+        if k not in given:
+            setattr(args, k, v)
+
+
+def json_line(rec):
+    """One log.jsonl line: NaN (an AUC with one class missing, a metric of no samples) is written as null,
+    since NaN is not JSON."""
+    return json.dumps({k: None if isinstance(v, float) and v != v else v for k, v in rec.items()}) + "\n"
+
+
 DEFAULT_DATA = "data/synthetic"
 
 

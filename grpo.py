@@ -77,7 +77,7 @@ def get_args(argv=None):
     g.add_argument("--api_key_env", default="OPENAI_API_KEY")
     g.add_argument("--judge_concurrency", type=int, default=16)
     g = p.add_argument_group("policy update (SPEC section 2)")
-    g.add_argument("--lr", type=float, default=3e-4, help="paper 1e-6 for 3B/4B; the tiny model needs more")
+    g.add_argument("--lr", type=float, default=3e-5, help="paper 1e-6 for 3B/4B; tiny model: 3e-4 collapses the format reward (README)")
     g.add_argument("--warmup", type=int, default=0)
     g.add_argument("--min_lr_ratio", type=float, default=1.0)
     g.add_argument("--eps", type=float, default=0.2, help="clip below: 1 - eps")
@@ -90,7 +90,7 @@ def get_args(argv=None):
     g.add_argument("--grad_clip", type=float, default=1.0)
     g.add_argument("--batch", type=int, default=4, help="videos per step, all ranks together (paper: 16)")
     g.add_argument("--micro_batch", type=int, default=4, help="trajectory segments per forward pass")
-    g.add_argument("--max_steps", type=int, default=150, help="0 = --epochs over the data")
+    g.add_argument("--max_steps", type=int, default=100, help="0 = --epochs over the data")
     g.add_argument("--epochs", type=float, default=1.0)
     g.add_argument("--stop_at", type=int, default=0, help="save and exit after this step; --resume goes on")
     g.add_argument("--seed", type=int, default=0)
@@ -99,14 +99,13 @@ def get_args(argv=None):
     g.add_argument("--fsdp", action="store_true")
     g.add_argument("--grad_ckpt", action="store_true")
     g.add_argument("--eval_every", type=int, default=50)
-    g.add_argument("--eval_samples", type=int, default=60)
+    g.add_argument("--eval_samples", type=int, default=60, help="val samples per eval (0: no eval)")
     g.add_argument("--save_every", type=int, default=50)
     g.add_argument("--log_every", type=int, default=1)
-    args = p.parse_args(data.cli_args(argv))
-    if args.preset:
-        for k, v in PRESETS[args.preset].items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
+    words = data.cli_args(argv)
+    args = p.parse_args(words)
+    if args.preset:  # a preset fills in what the command line did not give
+        data.fill_defaults(args, words, PRESETS[args.preset])
     return args
 
 
@@ -245,24 +244,32 @@ def token_logp(model, batch, T, never=None):
 
 
 @torch.no_grad()
-def evaluate(model, fmt, samples, frames_of, args, judge, rank, world):
+def evaluate(model, fmt, samples, frames_of, args, judge, rank, world, never, device):
+    """StreamPro-F1 on val of the greedy policy (what the benchmark runs: argmax decisions) and of the
+    sampled one (what the rewards were earned by: temperature T, a fixed seed), so a rising reward can
+    be told apart from a better benchmark score."""
     iargs = infer.get_args(["--states", str(args.states), "--fps", str(args.fps), "--window", str(args.window)])
-    rows = []
+    sampler = Sampler(fmt, args.states, args.temperature, args.max_new, never, torch.Generator(device=device).manual_seed(12345 + rank))
+    rows = {"": [], "sampled_": []}
     mine = samples[: args.eval_samples][rank::world]
     model.eval()
     with M.full_params(model):
         for j in range(0, len(mine), iargs.streams):
             batch = [(s, frames_of(s)) for s in mine[j:j + iargs.streams]]
-            outs, _ = infer.run_streams(M.unwrap(model), fmt, batch, iargs)
-            rows += [metric.score_sample(s, o["responses"], judge) for (s, _), o in zip(batch, outs)]
+            for key, policy in (("", None), ("sampled_", sampler)):
+                outs, _ = infer.run_streams(M.unwrap(model), fmt, batch, iargs, policy)
+                rows[key] += [metric.score_sample(s, o["responses"], judge) for (s, _), o in zip(batch, outs)]
     model.train()
-    if world > 1:
-        g = [None] * world
-        dist.all_gather_object(g, rows)
-        rows = [r for x in g for r in x]
-    agg = metric.aggregate(rows)
-    return {"val_f1": agg["w_avg"], "val_precision": float(np.mean([r["precision"] for r in rows])),
-            "val_recall": float(np.mean([r["recall"] for r in rows])), "val_response_rate": agg["response_rate"]}
+    out = {}
+    for key, rs in rows.items():
+        if world > 1:
+            g = [None] * world
+            dist.all_gather_object(g, rs)
+            rs = [r for x in g for r in x]
+        agg = metric.aggregate(rs)
+        out.update({f"val_{key}f1": agg["w_avg"], f"val_{key}precision": float(np.mean([r["precision"] for r in rs])),
+                    f"val_{key}recall": float(np.mean([r["recall"] for r in rs])), f"val_{key}response_rate": agg["response_rate"]})
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -298,7 +305,7 @@ def score(trajs, n_videos, args, judge, evaluator, ddp):
     return seqs, comp, stats
 
 
-def update(dmodel, ref, seqs, n_train, args, fmt, never, engine, device, autocast, ddp, world, params):
+def update(dmodel, ref, seqs, n_train, args, fmt, never, engine, device, autocast, ddp, world):
     """One token-level clipped policy-gradient pass over this rank's sequences, normalised by the global
     number of trained tokens. With one update per rollout batch pi_old = pi_theta (detached), so rho = 1
     and the gradient is the policy gradient. Returns (loss, KL, mean |trainer - sampler| log-prob gap)."""
@@ -309,10 +316,11 @@ def update(dmodel, ref, seqs, n_train, args, fmt, never, engine, device, autocas
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, KL, gap
     for j in range(int(n_micro)):
         set_grad_sync(dmodel, j == int(n_micro) - 1)
-        if j >= len(micro):  # nothing left on this rank: a zero loss that still takes part in the all-reduce
-            (sum(p.sum() for p in params) * 0.0).backward()
-            continue
-        b = collate_seqs(micro[j], fmt.tok.pad_token_id, fmt.image_token_id, device)
+        # Out of sequences on this rank: its first micro-batch again at weight 0, a real forward and
+        # backward, so FSDP's per-layer all-gathers and reduce-scatters meet the other ranks' (a loss on
+        # the parameters alone would skip the forward's collectives and hang them).
+        pad = j >= len(micro)
+        b = collate_seqs(micro[0 if pad else j], fmt.tok.pad_token_id, fmt.image_token_id, device)
         with autocast:
             logp = token_logp(dmodel, b, args.temperature, never)
         diff = logp.detach() - b["old"]  # trainer vs sampler log-probs of the sampled tokens
@@ -328,10 +336,13 @@ def update(dmodel, ref, seqs, n_train, args, fmt, never, engine, device, autocas
                 ref_logp = token_logp(ref, b, args.temperature, never)
             kl = k3(logp, ref_logp)
             tok = tok + args.kl * kl
-        loss = tok.sum() / n_train
+        loss = tok.sum() / n_train * (0.0 if pad else 1.0)
         (loss * world).backward()  # DDP averages over ranks; the loss is already normalised globally
-        sums += torch.stack([loss.detach(), kl.detach().sum() / n_train, diff.abs().sum() / n_train]).double()
+        if not pad:
+            sums += torch.stack([loss.detach(), kl.detach().sum() / n_train, diff.abs().sum() / n_train]).double()
         del logp, loss, tok
+    if ddp:  # the log shows the global loss, KL and gap, not rank 0's share
+        dist.all_reduce(sums)
     return sums.tolist()
 
 
@@ -353,7 +364,7 @@ def main(args):
     levels = [int(x) for x in args.levels.split(",")] if args.levels else None
     pick = lambda ss: [s for s in ss if levels is None or s.get("level", levels[0]) in levels]
     train = rewards.load_rubrics(args.data, pick(data.load_annotations(args.data)))
-    val = pick(data.load_annotations(args.val)) if args.val and os.path.isfile(args.val) else []
+    val = pick(data.load_annotations(args.val))[: args.eval_samples] if args.val and os.path.isfile(args.val) else []  # --eval_samples 0: no eval
     frames_of = FrameCache(fmt, args.fps)
     judge, evaluator = make_judges(args, train + val)
     ref = None
@@ -387,11 +398,11 @@ def main(args):
 
     def write(rec):
         if log:
-            log.write(json.dumps(rec) + "\n")
+            log.write(data.json_line(rec))
             log.flush()
 
     if val and not ckpt:
-        ev = evaluate(dmodel, fmt, val, frames_of, args, judge, rank, world)
+        ev = evaluate(dmodel, fmt, val, frames_of, args, judge, rank, world, never, device)
         print0("eval (before) " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         write({"step": 0, **ev})
     while step < max_steps:
@@ -409,7 +420,7 @@ def main(args):
         for g in opt.param_groups:
             g["lr"] = lr
         t2 = time.time()
-        loss, kl, gap = update(dmodel, ref, seqs, max(1.0, stats[0].item()), args, fmt, never, engine, device, autocast, ddp, world, params)
+        loss, kl, gap = update(dmodel, ref, seqs, max(1.0, stats[0].item()), args, fmt, never, engine, device, autocast, ddp, world)
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item() if args.grad_clip > 0 else None
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -428,7 +439,7 @@ def main(args):
                    f"| resp/turn {f(mean[4])} | zero-var {rec['zero_var']:.2f} | loss {loss:+.4f} | gnorm {f(gnorm, 2)} "
                    f"| rollout {rec['rollout_tok_s']:,.0f} tok/s | train {rec['train_tok_s']:,.0f} tok/s{M.hw_stats(device, flops, t3 - t2)}")
         if val and ((args.eval_every and step % args.eval_every == 0) or step == max_steps):
-            ev = evaluate(dmodel, fmt, val, frames_of, args, judge, rank, world)
+            ev = evaluate(dmodel, fmt, val, frames_of, args, judge, rank, world, never, device)
             rec.update(ev)
             print0("eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         write(rec)

@@ -201,25 +201,28 @@ H100_PEAK_FLOPS = 989e12  # dense bf16 tensor-core FLOP/s of one H100 SXM
 
 
 def flop_sizes(model):
-    """(LM layer parameters, ViT parameters, layers, hidden size): what train_flops needs of a model."""
+    """(LM layer parameters, ViT parameters, layers, attention width): what train_flops needs of a model.
+    The attention width is heads x head_dim, which is not the hidden size in Qwen3-VL-4B (32 x 128 = 4096
+    against 2560)."""
     m, text = unwrap(model).model, unwrap(model).config.text_config
+    width = text.num_attention_heads * (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
     return (sum(p.numel() for p in m.language_model.layers.parameters()), sum(p.numel() for p in m.visual.parameters()),
-            text.num_hidden_layers, text.hidden_size)
+            text.num_hidden_layers, width)
 
 
 def train_flops(sizes, seq_lens, n_patches):
     """FLOPs of one forward + backward over sequences of `seq_lens` tokens with `n_patches` ViT patches,
     nanoGPT's estimate: 6 N per token for the N parameters of the LM's layers (forward 2N, backward 4N;
     the embedding is a lookup and the lm_head runs at the supervised positions only, so both are left
-    out), plus 12 * layers * hidden * T per token of a T-token sequence for attention (causal masking not
-    discounted, as in nanoGPT), plus 2 N_vit per patch for the frozen ViT's forward. Recomputation under
+    out), plus 12 * layers * width * T per token of a T-token sequence for attention (width = heads x
+    head_dim; causal masking not discounted, as in nanoGPT), plus 2 N_vit per patch for the frozen ViT's forward. Recomputation under
     activation checkpointing is not counted: this is model FLOPs, for MFU."""
-    n_lm, n_vit, layers, hidden = sizes
-    return sum(6 * n_lm * T + 12 * layers * hidden * T * T for T in seq_lens) + 2 * n_vit * n_patches
+    n_lm, n_vit, layers, width = sizes
+    return sum(6 * n_lm * T + 12 * layers * width * T * T for T in seq_lens) + 2 * n_vit * n_patches
 
 
 def hw_stats(device, flops=None, seconds=None):
-    """' | mfu 31.2% | mem 41.3 GiB' for a log line: MFU on CUDA (this GPU's FLOPs against H100_PEAK_FLOPS), the
+    """' | mfu <percent> | mem <GiB>' for a log line: MFU on CUDA (this GPU's FLOPs against H100_PEAK_FLOPS), the
     peak memory so far: allocated GPU memory on CUDA, the process's resident set on a CPU."""
     if device.startswith("cuda"):
         mfu = f" | mfu {100 * flops / seconds / H100_PEAK_FLOPS:.1f}%" if flops and seconds else ""

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The whole default pipeline on a CPU, offline: synthetic benchmark -> tiny base VLM (offline perception
-# stage) -> streaming SFT with CE, focal and CB-Stream at the same budget and seed -> GRPO from CB-Stream
-# -> StreamPro-F1 of every model on the synthetic test split (free-running streaming decoding), plus the
-# calibration control (CE with its threshold tuned on val) and the model-free baselines -> results table.
+# stage, then the narrate stage, where it learns to watch a frame stream) -> streaming SFT with CE, focal
+# and CB-Stream at the same budget and seed -> GRPO from CB-Stream -> StreamPro-F1 of every model on the
+# synthetic test split (free-running streaming decoding), plus the calibration control (CE with its
+# threshold tuned on val) and the model-free baselines -> results table.
 #
-#   bash pipeline.sh            # one seed (0): about 25 minutes on 2 cores
-#   bash pipeline.sh 0 1 2      # three seeds, one after the other, then mean ± std
+#   bash pipeline.sh            # one seed (0): about 30 minutes on 2 cores; run it alone (README: wall time)
+#   bash pipeline.sh 0 1 2      # three seeds, one after the other, then mean ± std: 92 minutes
 #
 # Every stage skips what is done (checkpoints and prediction files resume), so rerunning after an
-# interruption finishes the job. Outputs: out/seed<N>/{base,sft-ce,sft-focal,sft-cb,grpo}, one log per
-# stage beside them (out/seed<N>/<stage>.log: tail -f it to watch), out/results.md.
+# interruption finishes the job. Outputs: out/seed<N>/{base,narrator,sft-ce,sft-focal,sft-cb,grpo}, one log
+# per stage beside them (out/seed<N>/<stage>.log: tail -f it to watch), out/results.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 seeds=("${@:-0}")
@@ -34,7 +35,8 @@ run_seed() {
   local s=$1 o=out/seed$1
   mkdir -p "$o"
   stage "$o" base python sft.py --stage offline --seed "$s" --out "$o/base" --resume
-  sft() { stage "$o" "sft-$1" python sft.py --loss "$1" --seed "$s" --model "$o/base" --out "$o/sft-$1" --resume; }
+  stage "$o" narrator python sft.py --stage narrate --seed "$s" --model "$o/base" --out "$o/narrator" --resume
+  sft() { stage "$o" "sft-$1" python sft.py --loss "$1" --seed "$s" --model "$o/narrator" --out "$o/sft-$1" --resume; }
   bench() { stage "$o" "$1.bench" python bench.py --model "$o/$1" "${@:2}"; }
   side_by_side "sft cb" "sft ce"
   side_by_side "stage $o grpo python grpo.py --seed $s --model $o/sft-cb --out $o/grpo --resume; bench grpo; bench sft-cb" \

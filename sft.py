@@ -1,13 +1,15 @@
 """
-Supervised fine-tuning for the streaming format (SPEC sections 2 and 5). Two stages, one script:
+Supervised fine-tuning for the streaming format (SPEC sections 2 and 5). Three stages, one script:
 
   --stage offline  single-turn perception SFT (plain CE) that turns a tiny random model into a tiny
                    *base* VLM that can see. Tiny models only: Qwen-VL-Instruct already sees.
+  --stage narrate  (ours, tiny models) the base learns to watch: short frame streams captioned turn by
+                   turn, so it reads the latest frame among several (README: tiny models).
   --stage stream   streaming SFT with --loss cb (CB-Stream, default) | focal (Streamo) | ce: the paper's stage.
 
-    python sft.py                                    # CPU: tiny base (offline stage first if missing) -> streaming SFT
+    python sft.py                                    # CPU: tiny base and narrator first if missing -> streaming SFT
     python sft.py --loss focal --out out/sft-focal   # the Streamo baseline at the same budget
-    python sft.py --stage offline                    # only the tiny base model
+    python sft.py --stage offline                    # only the tiny base model (then --stage narrate)
     torchrun --standalone --nproc_per_node=2 sft.py  # 2 CPU processes (gloo), same result as 1
     torchrun --standalone --nproc_per_node=8 sft.py --preset qwen2.5-vl-3b \\
         --model /models/Qwen2.5-VL-3B-Instruct --data /data/sft.jsonl --val /data/val.jsonl --out out/sft-3b
@@ -50,11 +52,12 @@ PRESETS = {  # SPEC section 5; (ours): warmup, micro-batch, window, eval cadence
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what")
-    g.add_argument("--stage", default="stream", choices=["stream", "offline"])
+    g.add_argument("--stage", default="stream", choices=["stream", "offline", "narrate"])
     g.add_argument("--preset", default=None, choices=list(PRESETS), help="the paper's settings for a backbone")
     g.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen3_vl"], help="tiny default model family")
-    g.add_argument("--model", default=None, help="start from (default: tiny base for stream, tiny random for offline)")
-    g.add_argument("--out", default=None, help="checkpoint directory (default out/sft-{loss} or out/base-{family})")
+    g.add_argument("--model", default=None, help="start from (default: out/narrator-{family} for stream, out/base-{family} "
+                   "for narrate, the tiny random model for offline; made first when missing)")
+    g.add_argument("--out", default=None, help="checkpoint directory (default out/sft-{loss}, out/base-{family}, out/narrator-{family})")
     g.add_argument("--resume", action="store_true", help="continue from --out's trainer state")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=os.path.join(data.DEFAULT_DATA, "train.jsonl"))
@@ -66,6 +69,7 @@ def get_args(argv=None):
     g.add_argument("--fps", type=float, default=1.0)
     g.add_argument("--window", type=int, default=200, help="turns kept besides the question turn (0 = all)")
     g.add_argument("--skip_bad", action="store_true", help="report and skip samples that fail to load")
+    g.add_argument("--narration", type=float, default=0.0, help="offline/narrate: share of captioned frame streams in a batch")
     g = p.add_argument_group("loss")
     g.add_argument("--loss", default="cb", choices=["cb", "focal", "ce"])
     g.add_argument("--beta", type=float, default=0.9999)
@@ -79,7 +83,7 @@ def get_args(argv=None):
     g.add_argument("--grad_clip", type=float, default=1.0)
     g.add_argument("--batch", type=int, default=8, help="conversations per optimisation step, all ranks together")
     g.add_argument("--micro_batch", type=int, default=4, help="conversations per forward pass per rank")
-    g.add_argument("--max_steps", type=int, default=300, help="0 = run --epochs")
+    g.add_argument("--max_steps", type=int, default=200, help="0 = run --epochs")
     g.add_argument("--epochs", type=float, default=1.0)
     g.add_argument("--stop_at", type=int, default=0, help="save and exit after this step (to fit a job slot); --resume goes on")
     g.add_argument("--seed", type=int, default=0)
@@ -90,21 +94,20 @@ def get_args(argv=None):
     g.add_argument("--train_vision", action="store_true", help="train the ViT too (both papers freeze it)")
     g.add_argument("--projector_lr", type=float, default=None,
                    help="learning rate of the vision-language projector (default: --lr; the tiny models keep theirs frozen)")
-    g.add_argument("--eval_every", type=int, default=150)
+    g.add_argument("--eval_every", type=int, default=100)
     g.add_argument("--eval_samples", type=int, default=60)
-    g.add_argument("--save_every", type=int, default=60)
+    g.add_argument("--save_every", type=int, default=50)
     g.add_argument("--log_every", type=int, default=10)
     g.add_argument("--cache_gb", type=float, default=2.0, help="decoded frames kept in memory")
-    args = p.parse_args(data.cli_args(argv))
-    if args.preset:  # a preset fills in what the command line left at its default
-        for k, v in PRESETS[args.preset].items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
-    if args.stage == "offline":
-        for k, v in dict(lr=2e-3, batch=32, micro_batch=32, max_steps=1500, warmup=50, eval_every=500, save_every=500).items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
-    args.out = args.out or (f"out/base-{args.family}" if args.stage == "offline" else f"out/sft-{args.loss}")
+    words = data.cli_args(argv)
+    args = p.parse_args(words)
+    if args.preset:  # a preset fills in what the command line did not give
+        data.fill_defaults(args, words, PRESETS[args.preset])
+    stage_defaults = {"offline": dict(lr=2e-3, batch=32, micro_batch=32, max_steps=1500, warmup=50, eval_every=500, save_every=500),
+                      "narrate": dict(lr=2e-3, batch=32, micro_batch=16, max_steps=600, warmup=50, eval_every=200, save_every=200,
+                                      narration=1.0)}
+    data.fill_defaults(args, words, stage_defaults.get(args.stage, {}))
+    args.out = args.out or {"offline": f"out/base-{args.family}", "narrate": f"out/narrator-{args.family}"}.get(args.stage, f"out/sft-{args.loss}")
     return args
 
 
@@ -190,9 +193,17 @@ def center_projector(model, fmt, seed, n=128):
     last.bias -= feats.mean(0)
 
 
-def perception_batch(fmt, n, seed):
-    from synthetic import perception_pairs
-    return [fmt.encode_single(p["frames"], p["prompt"], p["answer"]) for p in perception_pairs(n, seed)]
+def perception_batch(fmt, n, seed, narration=0.0):
+    """The offline stage's examples: single-turn perception pairs, and a `narration` share of short
+    streams captioned turn by turn (synthetic.narration; 2-frame models only)."""
+    from synthetic import narration as streams, perception_pairs
+    m = int(round(n * narration)) if fmt.frames_per_turn == 2 else 0
+    out = [fmt.encode_single(p["frames"], p["prompt"], p["answer"]) for p in perception_pairs(n - m, seed)]
+    for x in streams(m, seed):
+        turns = [{"k": k, "marker": data.time_marker(k), "question": "Say what changes, every second." if k == 0 else None,
+                  "target": c} for k, c in enumerate(x["captions"])]
+        out.append(fmt.encode({"system": "You are a helpful assistant.", "q_turn": 0, "turns": turns}, x["frames"]))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -262,7 +273,8 @@ def eval_stream(dmodel, fmt, val, args, rank, world, device, pad_id, autocast):
 @torch.no_grad()
 def eval_offline(model, fmt, n, seed, device):
     """Greedy answers on held-out perception pairs -> slot accuracies (chance: colour set 1/4-1/12,
-    change 1/7)."""
+    change 1/7), and for 2-frame models the share of turns of held-out captioned streams whose caption
+    is right token by token, teacher-forced, apart for turns with a change and turns without one."""
     from synthetic import COLOURS, DIRS, SHAPES, perception_pairs
     model.eval()
     hits = {"colour": [], "shape": [], "change": []}
@@ -281,6 +293,15 @@ def eval_offline(model, fmt, n, seed, device):
         else:
             said = [w for w in words if w in COLOURS or w in DIRS] or (["none"] if "nothing" in words else [])
             hits["change"].append(said == [p["slots"]["change"]])
+    if fmt.frames_per_turn == 2:  # captioned streams, teacher-forced: is every token of a turn's caption the argmax?
+        hits["stream_change"], hits["stream_still"] = [], []
+        for x in perception_batch(fmt, n // 2, seed, narration=1.0):
+            logits, y, _ = supervised_logits(model, data.collate([x], fmt.tok.pad_token_id), device, nullcontext())
+            right = (logits.argmax(-1) == y).tolist()
+            for (_, d, e), t in zip(x["turn_spans"], x["turns"]):  # each turn's supervised tokens, in order
+                n_sup = int((x["labels"][d:e] != -100).sum())
+                hits["stream_still" if t["target"] == "Nothing changed." else "stream_change"].append(all(right[:n_sup]))
+                right = right[n_sup:]
     model.train()
     return {f"{k}_acc": float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
 
@@ -370,17 +391,16 @@ def main(args):
             data.ensure_synthetic()
         if args.model is None:
             M.ensure_tiny(args.family)
-    if args.model is None and args.stage == "offline":
-        args.model = f"out/tiny-{args.family}"
-    elif args.model is None:  # tiny random -> offline perception stage -> streaming SFT
-        args.model = f"out/base-{args.family}"
+    if args.model is None:  # the default chain: tiny random -> offline (sees) -> narrate (watches) -> streaming SFT
+        chain = ["offline", "narrate", "stream"]
+        args.model = {"offline": f"out/tiny-{args.family}", "narrate": f"out/base-{args.family}"}.get(args.stage, f"out/narrator-{args.family}")
         if ddp:
             dist.barrier()
-        if not M.latest(args.model):
-            print0(f"no tiny base model at {args.model}: running the offline perception stage first")
-            base = get_args(["--stage", "offline", "--family", args.family, "--seed", str(args.seed)])
-            base.model = f"out/tiny-{args.family}"
-            run(base, ddp, rank, world, device)
+        for stage in chain[:chain.index(args.stage)]:
+            before = get_args(["--stage", stage, "--family", args.family, "--seed", str(args.seed), "--resume"])
+            before.model = {"offline": f"out/tiny-{args.family}", "narrate": f"out/base-{args.family}"}[stage]
+            print0(f"the {stage} stage first ({before.out}): made if missing, finished if cut off")
+            run(before, ddp, rank, world, device)
     run(args, ddp, rank, world, device)
     M.teardown_dist(ddp)
 
@@ -391,8 +411,8 @@ def run(args, ddp, rank, world, device):
     if ddp:
         dist.barrier()
     ckpt = resume_point(args)
-    if args.stage == "offline" and not args.resume and M.latest(args.out):
-        print0(f"{args.out} exists: offline stage skipped (delete it or pass --resume to continue)")
+    if args.stage != "stream" and not args.resume and M.latest(args.out):
+        print0(f"{args.out} exists: {args.stage} stage skipped (delete it or pass --resume to continue)")
         return
     model, processor = M.load(ckpt or args.model, device=device, freeze_vision=not args.train_vision)
     fmt = data.ChatFormat(processor, M.frames_per_turn(model))
@@ -406,8 +426,8 @@ def run(args, ddp, rank, world, device):
         load_step = lambda step: [train.encode(i) for i in batch_indices(step, args.batch, len(train.samples), args.seed)[rank::world]]
     else:
         max_steps = args.max_steps
-        load_step = lambda step: perception_batch(fmt, args.batch, seed=[args.seed, step])[rank::world]
-        if not ckpt:
+        load_step = lambda step: perception_batch(fmt, args.batch, [args.seed, step], args.narration)[rank::world]
+        if not ckpt and not os.path.isfile(os.path.join(M.resolve(args.model), "trainer_state.pt")):  # a random model, not a base to continue
             center_projector(model, fmt, args.seed)
     dmodel, opt, params = make_optimizer(model, args, ddp, device)
     start = step = restore(ckpt, dmodel, opt)
@@ -460,7 +480,7 @@ def run(args, ddp, rank, world, device):
                     print0("eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 meter.restart()  # throughput counts training only
             if log:
-                log.write(json.dumps(rec) + "\n")
+                log.write(data.json_line(rec))
                 log.flush()
             if step % args.save_every == 0 or step == max_steps or step == args.stop_at:
                 nxt and nxt.result()

@@ -360,6 +360,29 @@ def perception_pairs(n, seed=0, size=56, max_objects=2):
     return out
 
 
+def narration(n, seed=0, size=56, max_turns=8, p_change=0.4):
+    """(ours) n short frame streams for the tiny base, each turn captioned with what changed in it: turn k
+    is a 2-frame chunk (the frames at k - 0.5 s and k s, as data.load_video cuts them) and its caption is
+    "The {shape} turned {colour}." or "Nothing changed.". Answering every turn about its own chunk teaches
+    the LM to read the latest frame among several, which single-image pairs never ask for and streaming
+    needs at every decision (README: tiny models)."""
+    rng = np.random.default_rng([*np.ravel(seed).tolist(), 11])
+    out = []
+    for _ in range(n):
+        T = int(rng.integers(2, max_turns + 1))
+        sc = Scene(rng, T, size, int(rng.integers(1, 3)))
+        captions = ["Nothing changed."] * T
+        for k in range(1, T):
+            if rng.random() < p_change:
+                i = int(rng.integers(0, len(sc.obj)))
+                new = str(rng.choice([c for c in COLOURS if c != sc.obj[i]["colour"][k]]))
+                sc.set_colour(i, k, new)
+                captions[k] = f"The {sc.obj[i]['shape']} turned {new}."
+        frames = np.stack([np.stack([sc.render(max(k - 0.5, 0.0)), sc.render(float(k))]) for k in range(T)])
+        out.append({"frames": frames, "captions": captions})
+    return out
+
+
 def corpus():
     """Text the tiny tokenizer is trained on: every template with every value."""
     from data import SYSTEM_PROMPT, SYSTEM_PROMPT_3, time_marker

@@ -1265,6 +1265,21 @@ def test_offline_stage_learns_to_see(tiny, tmp_path):
     assert acc["colour_acc"] > 0.5, acc  # chance: a quarter for one shape, a sixteenth for two
 
 
+def test_narrate_stage_streams_are_captioned_by_what_changed(tiny, tmp_path):
+    # a caption names a change exactly when the turn's two frames differ (the change happens inside the turn)
+    for x in synthetic.narration(10, seed=3):
+        f = x["frames"]  # [turns, 2 frames (k - 0.5 s, k s), H, W, 3]
+        assert [not np.array_equal(f[k, 1], f[k, 0]) for k in range(len(f))] == [c != "Nothing changed." for c in x["captions"]]
+    # the narrate stage trains from a base and reports the stream accuracies, both split by change / no change
+    out = tmp_path / "narrator"
+    sft.main(sft.get_args(["--stage", "narrate", "--model", tiny["qwen2_5_vl"], "--out", str(out), "--max_steps", "2",
+                           "--batch", "4", "--micro_batch", "4", "--eval_every", "0", "--log_every", "1"]))
+    assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1, 2]
+    model, processor = M.load(str(out))
+    acc = sft.eval_offline(model, data.ChatFormat(processor, M.frames_per_turn(model)), 8, seed=12345, device="cpu")
+    assert all(0 <= acc[k] <= 1 for k in ("stream_change_acc", "stream_still_acc")), acc
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tiny, synth, tmp_path):
     common = ["sft.py", "--model", tiny["qwen2_5_vl"], "--data", str(synth / "train.jsonl"), "--val", "", "--levels", "0,1",
@@ -1278,6 +1293,8 @@ def test_torchrun_two_processes_match_one(tiny, synth, tmp_path):
     one, two, fsdp = (losses_of(tmp_path / d) for d in ("one", "two", "fsdp"))
     val_ce = [json.loads(open(tmp_path / d / "log.jsonl").readlines()[-1])["val_ce"] for d in ("one", "two", "fsdp")]
     assert np.allclose(val_ce, val_ce[0], rtol=1e-4), val_ce  # the eval's sums are all-reduced over uneven shares
+    last = json.loads(open(tmp_path / "one" / "log.jsonl").readlines()[-1])
+    assert all(k in last for k in ("auc", "tf_auc")), last  # free-running and teacher-forced ROC-AUC
     # same global batch, same class counts, same normaliser: equal up to float summation order (documented 1e-5)
     assert len(one) == len(two) == len(fsdp) == 3, (one, two, fsdp)
     assert np.allclose(one, two, rtol=1e-5, atol=1e-6) and np.allclose(one, fsdp, rtol=1e-5, atol=1e-6), (one, two, fsdp)
@@ -1405,13 +1422,15 @@ def test_grpo_runs_and_resumes(trained, synth, tmp_path):
 
 @pytest.mark.slow
 def test_grpo_under_torchrun_two_processes(trained, synth, tmp_path):
-    # FSDP2 + activation checkpointing, with an evaluation before the first step (uneven shares: 2 + 1)
+    # FSDP2 + activation checkpointing, with an evaluation before the first step (uneven shares: 2 + 1).
+    # A 6-turn window rebuilt every 3 turns cuts each trajectory into segments, one per micro-batch, so
+    # ranks with videos of different lengths run different numbers of micro-batches (the short rank pads)
     run_py("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py", "--model", trained,
            "--data", str(synth / "train.jsonl"), "--val", str(synth / "val.jsonl"), "--eval_samples", "3", "--levels", "0,1",
            "--batch", "2", "--group", "2", "--max_new", "8", "--max_steps", "2", "--fsdp", "--grad_ckpt",
-           "--out", str(tmp_path / "g"), env={"OMP_NUM_THREADS": "1"})
+           "--window", "6", "--chunk", "3", "--micro_batch", "1", "--out", str(tmp_path / "g"), env={"OMP_NUM_THREADS": "1"})
     recs = [json.loads(l) for l in open(tmp_path / "g" / "log.jsonl")]
-    assert [r["step"] for r in recs] == [0, 1, 2] and "val_f1" in recs[0]
+    assert [r["step"] for r in recs] == [0, 1, 2] and "val_f1" in recs[0] and "val_sampled_f1" in recs[0]  # greedy and sampled
     # the trainer's log-probabilities reproduce the sampler's: rollouts ran on the cache (eval mode), not
     # through checkpointed layers that drop it (that bug gave a gap of 3.8 nats)
     assert all(abs(r["logp_gap"]) < 1e-3 for r in recs[1:]), recs
@@ -1453,7 +1472,12 @@ def test_bench_model_calibrate_and_table(trained, synth, tmp_path):
     rows = table.splitlines()
     assert rows[0].startswith("| model | PU") and rows[2].startswith("| CE |") and rows[3].startswith("| CE, threshold tuned on val |")
     assert f"{100 * res['summary']['w_avg']:.1f}" in rows[2]
-    assert rows[2].endswith(f"| {100 * res['summary']['avg']:.1f} |")  # the Avg-per-seed column
+    # the Avg-per-seed column, then the free-running ROC-AUC on levels 0-1 (the trained ones) per seed
+    samples = data.load_annotations(ann, check_videos=False)
+    l01 = metric.roc_auc(*bench.decision_scores([s for s in samples if s["level"] < 2], res["preds"]))
+    assert res["summary"]["auc_levels_01"] == l01 and 0 <= l01 <= 1
+    assert all(m["auc"] is None or 0 <= m["auc"] <= 1 for m in res["summary"]["levels"].values())
+    assert rows[2].endswith(f"| {100 * res['summary']['avg']:.1f} | {l01:.2f} |")
 
 
 def test_best_threshold_by_hand():
@@ -1469,6 +1493,10 @@ def test_best_threshold_by_hand():
 def test_train_flops_by_hand():
     # 6 N T + 12 L d T^2 per sequence, + 2 N_vit per patch: N = 1000, N_vit = 50, L = 2, d = 8
     assert M.train_flops((1000, 50, 2, 8), [10, 20], 7) == 6 * 1000 * 30 + 12 * 2 * 8 * (100 + 400) + 2 * 50 * 7
+    # the attention width of Qwen3-VL-4B is 32 heads x 128 = 4096, not its hidden size 2560
+    config, cls, _ = M.make_config(*M.REAL["qwen3-vl-4b"], M.tiny_tokenizer(), M.REAL_VOCAB)
+    with torch.device("meta"):
+        assert M.flop_sizes(cls(config))[2:] == (36, 4096)
 
 
 def test_real_architectures_have_the_released_sizes():
@@ -1568,6 +1596,19 @@ def test_cli_flags_take_both_spellings():
     assert infer.get_args(["--max-new", "5", "--ask-at", "2"]).max_new == 5 and infer.get_args(["--max_new", "6"]).max_new == 6
     assert grpo.get_args(["--judge-url", "u", "--max-new", "4"]).judge_url == "u"
     assert sft.get_args(["--max-steps", "7", "--eval-every", "0"]).max_steps == 7
+
+
+def test_log_lines_write_nan_as_null():
+    line = data.json_line({"step": 3, "auc": float("nan"), "gnorm": None, "loss": 0.5})
+    assert "NaN" not in line and json.loads(line) == {"step": 3, "auc": None, "gnorm": None, "loss": 0.5}
+
+
+def test_presets_and_stages_leave_given_flags_alone():
+    # a flag given at its global default still beats the preset's or the stage's value
+    assert grpo.get_args(["--preset", "qwen2.5-vl-3b", "--backend", "hf"]).backend == "hf"
+    assert grpo.get_args(["--preset", "qwen2.5-vl-3b"]).backend == "vllm"
+    assert sft.get_args(["--stage", "narrate", "--max-steps", "300"]).max_steps == 300
+    assert sft.get_args(["--stage", "narrate"]).max_steps == 600 and sft.get_args([]).max_steps == 200
 
 
 def test_empty_annotation_file_is_named(tmp_path, tiny):
