@@ -251,7 +251,7 @@ def evaluate(model, fmt, samples, frames_of, args, judge, rank, world, never, de
     iargs = infer.get_args(["--states", str(args.states), "--fps", str(args.fps), "--window", str(args.window)])
     sampler = Sampler(fmt, args.states, args.temperature, args.max_new, never, torch.Generator(device=device).manual_seed(12345 + rank))
     rows = {"": [], "sampled_": []}
-    mine = samples[: args.eval_samples][rank::world]
+    mine = samples[rank::world]  # main() keeps the first --eval_samples
     model.eval()
     with M.full_params(model):
         for j in range(0, len(mine), iargs.streams):

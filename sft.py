@@ -393,12 +393,13 @@ def main(args):
             M.ensure_tiny(args.family)
     if args.model is None:  # the default chain: tiny random -> offline (sees) -> narrate (watches) -> streaming SFT
         chain = ["offline", "narrate", "stream"]
-        args.model = {"offline": f"out/tiny-{args.family}", "narrate": f"out/base-{args.family}"}.get(args.stage, f"out/narrator-{args.family}")
+        start = {"offline": f"out/tiny-{args.family}", "narrate": f"out/base-{args.family}", "stream": f"out/narrator-{args.family}"}
+        args.model = start[args.stage]
         if ddp:
             dist.barrier()
         for stage in chain[:chain.index(args.stage)]:
             before = get_args(["--stage", stage, "--family", args.family, "--seed", str(args.seed), "--resume"])
-            before.model = {"offline": f"out/tiny-{args.family}", "narrate": f"out/base-{args.family}"}[stage]
+            before.model = start[stage]
             print0(f"the {stage} stage first ({before.out}): made if missing, finished if cut off")
             run(before, ddp, rank, world, device)
     run(args, ddp, rank, world, device)
