@@ -90,7 +90,7 @@ def get_args(argv=None):
     g.add_argument("--grad_clip", type=float, default=1.0)
     g.add_argument("--batch", type=int, default=4, help="videos per step, all ranks together (paper: 16)")
     g.add_argument("--micro_batch", type=int, default=4, help="trajectory segments per forward pass")
-    g.add_argument("--max_steps", type=int, default=100, help="0 = --epochs over the data")
+    g.add_argument("--max_steps", type=int, default=50, help="0 = --epochs over the data")
     g.add_argument("--epochs", type=float, default=1.0)
     g.add_argument("--stop_at", type=int, default=0, help="save and exit after this step; --resume goes on")
     g.add_argument("--seed", type=int, default=0)

@@ -5,8 +5,8 @@
 # synthetic test split (free-running streaming decoding), plus the calibration control (CE with its
 # threshold tuned on val) and the model-free baselines -> results table.
 #
-#   bash pipeline.sh            # one seed (0): about 30 minutes on 2 cores; run it alone (README: wall time)
-#   bash pipeline.sh 0 1 2      # three seeds, one after the other, then mean ± std: 92 minutes
+#   bash pipeline.sh            # one seed (0): XX minutes on 2 cores; run it alone (README: wall time)
+#   bash pipeline.sh 0 1 2      # three seeds, then mean ± std: XX minutes
 #
 # Every stage skips what is done (checkpoints and prediction files resume), so rerunning after an
 # interruption finishes the job. Outputs: out/seed<N>/{base,narrator,sft-ce,sft-focal,sft-cb,grpo}, one log
@@ -31,16 +31,22 @@ side_by_side() {
   return $(( ra || rb ))
 }
 
-run_seed() {
+# A seed's base and narrator: one lane, the head of every later stage of that seed.
+prep() {
   local s=$1 o=out/seed$1
   mkdir -p "$o"
   stage "$o" base python sft.py --stage offline --seed "$s" --out "$o/base" --resume
   stage "$o" narrator python sft.py --stage narrate --seed "$s" --model "$o/base" --out "$o/narrator" --resume
+}
+
+# The rest of a seed, in two lanes of about equal length (GRPO and its benchmark | the three others).
+run_seed() {
+  local s=$1 o=out/seed$1
   sft() { stage "$o" "sft-$1" python sft.py --loss "$1" --seed "$s" --model "$o/narrator" --out "$o/sft-$1" --resume; }
   bench() { stage "$o" "$1.bench" python bench.py --model "$o/$1" "${@:2}"; }
   side_by_side "sft cb" "sft ce"
-  side_by_side "stage $o grpo python grpo.py --seed $s --model $o/sft-cb --out $o/grpo --resume; bench grpo; bench sft-cb" \
-               "sft focal; bench sft-focal; bench sft-ce; stage $o sft-ce.calibrated.bench python bench.py --model $o/sft-ce --calibrate data/synthetic/val.jsonl"
+  side_by_side "stage $o grpo python grpo.py --seed $s --model $o/sft-cb --out $o/grpo --resume; bench grpo; stage $o sft-ce.calibrated.bench python bench.py --model $o/sft-ce --calibrate data/synthetic/val.jsonl" \
+               "sft focal; bench sft-focal; bench sft-ce; bench sft-cb"
   for m in sft-ce sft-ce.calibrated sft-focal sft-cb grpo; do  # the headline of each model's table
     echo "  $m: $(grep -h 'Overall Avg' "$o/$m.bench.log")"
   done
@@ -49,8 +55,15 @@ run_seed() {
 start=$(date +%s)
 python data.py --show 0 > /dev/null  # generates data/synthetic and the tiny model on first use
 for b in oracle silent every-turn random; do python bench.py --baseline "$b" > /dev/null; done
-for s in "${seeds[@]}"; do
-  t=$(date +%s); run_seed "$s"; log "seed $s done in $(( ($(date +%s) - t) / 60 )) min"
+# With more seeds, the next seed's base and narrator run on a third lane (one thread) beside this seed's
+# two: three one-thread jobs share the two cores without the stalls of a two-thread job beside others.
+prep "${seeds[0]}"  # alone, so with two threads
+for i in "${!seeds[@]}"; do
+  s=${seeds[$i]} next=${seeds[$((i + 1))]:-} t=$(date +%s) p=""
+  if [ -n "$next" ]; then (export OMP_NUM_THREADS=1; prep "$next") & p=$!; fi
+  trap '[ -z "$p" ] || wait "$p"' EXIT  # if this seed fails, the next one's lane still finishes its stage
+  run_seed "$s"; log "seed $s done, $(( ($(date +%s) - t) / 60 )) min after its narrator"
+  if [ -n "$p" ]; then q=$p p=""; wait "$q"; fi
 done
 dirs=(); for s in "${seeds[@]}"; do dirs+=("out/seed$s"); done
 python bench.py --table "${dirs[@]}" | tee out/results.md

@@ -83,7 +83,7 @@ def get_args(argv=None):
     g.add_argument("--grad_clip", type=float, default=1.0)
     g.add_argument("--batch", type=int, default=8, help="conversations per optimisation step, all ranks together")
     g.add_argument("--micro_batch", type=int, default=4, help="conversations per forward pass per rank")
-    g.add_argument("--max_steps", type=int, default=200, help="0 = run --epochs")
+    g.add_argument("--max_steps", type=int, default=300, help="0 = run --epochs")
     g.add_argument("--epochs", type=float, default=1.0)
     g.add_argument("--stop_at", type=int, default=0, help="save and exit after this step (to fit a job slot); --resume goes on")
     g.add_argument("--seed", type=int, default=0)
@@ -94,7 +94,7 @@ def get_args(argv=None):
     g.add_argument("--train_vision", action="store_true", help="train the ViT too (both papers freeze it)")
     g.add_argument("--projector_lr", type=float, default=None,
                    help="learning rate of the vision-language projector (default: --lr; the tiny models keep theirs frozen)")
-    g.add_argument("--eval_every", type=int, default=100)
+    g.add_argument("--eval_every", type=int, default=150)
     g.add_argument("--eval_samples", type=int, default=60)
     g.add_argument("--save_every", type=int, default=50)
     g.add_argument("--log_every", type=int, default=10)

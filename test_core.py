@@ -1608,7 +1608,7 @@ def test_presets_and_stages_leave_given_flags_alone():
     assert grpo.get_args(["--preset", "qwen2.5-vl-3b", "--backend", "hf"]).backend == "hf"
     assert grpo.get_args(["--preset", "qwen2.5-vl-3b"]).backend == "vllm"
     assert sft.get_args(["--stage", "narrate", "--max-steps", "300"]).max_steps == 300
-    assert sft.get_args(["--stage", "narrate"]).max_steps == 600 and sft.get_args([]).max_steps == 200
+    assert sft.get_args(["--stage", "narrate"]).max_steps == 600 and sft.get_args([]).max_steps == 300
 
 
 def test_empty_annotation_file_is_named(tmp_path, tiny):
