@@ -5,8 +5,8 @@
 # synthetic test split (free-running streaming decoding), plus the calibration control (CE with its
 # threshold tuned on val) and the model-free baselines -> results table.
 #
-#   bash pipeline.sh            # one seed (0): XX minutes on 2 cores; run it alone (README: wall time)
-#   bash pipeline.sh 0 1 2      # three seeds, then mean ± std: XX minutes
+#   bash pipeline.sh            # one seed (0): about 33 minutes on 2 cores; run it alone (README: wall time)
+#   bash pipeline.sh 0 1 2      # three seeds, then mean ± std: 90 minutes
 #
 # Every stage skips what is done (checkpoints and prediction files resume), so rerunning after an
 # interruption finishes the job. Outputs: out/seed<N>/{base,narrator,sft-ce,sft-focal,sft-cb,grpo}, one log
