@@ -39,7 +39,8 @@ prep() {
   stage "$o" narrator python sft.py --stage narrate --seed "$s" --model "$o/base" --out "$o/narrator" --resume
 }
 
-# The rest of a seed, in two lanes of about equal length (GRPO and its benchmark | the three others).
+# The rest of a seed, in two lanes of about equal length: GRPO, its benchmark and calibrated CE | focal SFT and
+# the three other benchmarks.
 run_seed() {
   local s=$1 o=out/seed$1
   sft() { stage "$o" "sft-$1" python sft.py --loss "$1" --seed "$s" --model "$o/narrator" --out "$o/sft-$1" --resume; }
