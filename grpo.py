@@ -232,8 +232,9 @@ def collate_seqs(seqs, pad_id, image_token_id, device):
 def token_logp(model, batch, T, never=None):
     """log pi of every trained token of a collated batch, flat: the distribution the Sampler draws from
     (temperature T, the `never` ids masked out). The lm_head runs at those positions only."""
-    logits = model(input_ids=batch["ids"], attention_mask=batch["mask"], mm_token_type_ids=batch["types"],
-                   pixel_values=batch["pv"], image_grid_thw=batch["grid"], logits_to_keep=batch["keep"]).logits.float() / T
+    with M.logits_at(model, batch["keep"]):
+        logits = model(input_ids=batch["ids"], attention_mask=batch["mask"], mm_token_type_ids=batch["types"],
+                       pixel_values=batch["pv"], image_grid_thw=batch["grid"], logits_to_keep=0).logits[0].float() / T
     if never is not None:
         logits = logits.masked_fill(never, -float("inf"))
     return torch.log_softmax(logits, -1).gather(-1, batch["target"][:, None])[:, 0]

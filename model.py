@@ -152,6 +152,20 @@ def add_decision_tokens(model, tok):
             e.weight[ids] = e.weight[:n_old].mean(0)
 
 
+@contextlib.contextmanager
+def logits_at(model, keep):
+    """Within the block, the model's forward returns logits (1, N, V) at the N True positions of the
+    bool (B, L) mask `keep` only (row-major order), not (B, L, V): a conversation's whole logits
+    (29k x 152k in fp32 at 3B) were the first out-of-memory on a GPU. A forward pre-hook on lm_head
+    selects its input rows, inside the wrapped forward (DDP, FSDP2 and checkpointing see one ordinary
+    forward); transformers' own 2-D `logits_to_keep` exists only from 5.23, and vLLM needs < 5.21."""
+    handle = unwrap(model).lm_head.register_forward_pre_hook(lambda m, a: (a[0][keep.to(a[0].device)][None],))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def frames_per_turn(model_or_path):
     """Frames in one turn's visual chunk, as the model was built and trained (data.load_video): 1 for
     the paper's models, 2 for the tiny ones (ours, see there)."""

@@ -321,7 +321,7 @@ def wrap(model, args, ddp, device):
     (test_torchrun_two_processes_match_one)."""
     if args.grad_ckpt:
         model.config.use_cache = False
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if not getattr(args, "train_vision", False):
             # The frozen ViT needs neither checkpointing nor the hook that makes its input require grad: with
             # them the whole frozen tower went into the backward (22% of the CUDA time at 3B, ENVIRONMENT.md).
@@ -363,8 +363,8 @@ def supervised_logits(model, b, device, autocast):
     nxt = b["labels"][:, 1:]
     keep = torch.zeros_like(b["labels"], dtype=torch.bool)
     keep[:, :-1] = nxt != -100
-    with autocast:
-        logits = model(**{k: v.to(device) for k, v in data.model_inputs(b).items()}, logits_to_keep=keep.to(device)).logits
+    with autocast, M.logits_at(model, keep):
+        logits = model(**{k: v.to(device) for k, v in data.model_inputs(b).items()}, logits_to_keep=0).logits[0]
     return logits, nxt[nxt != -100].to(device), keep
 
 
