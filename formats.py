@@ -112,11 +112,11 @@ def raw_turns(item):
     questions, responses = [], []
     for q in item["question"]:
         t = streamo_seconds(q.get("time"))
-        if not q.get("content") or t is None:
+        if not isinstance(q.get("content"), str) or not q["content"] or t is None:
             raise Skip("question without text or time", repr(q)[:80])
         questions.append((max(0, t - 1), q["content"]))
     for r in item["response"]:
-        if not r.get("content"):
+        if not isinstance(r.get("content"), str) or not r["content"]:
             raise Skip("response without text", repr(r)[:80])
         st, end, t = (streamo_seconds(r.get(k)) for k in ("st_time", "end_time", "time"))
         if st is not None and end is not None:
@@ -244,7 +244,8 @@ def streamo_item(item, index, video_root=None):
     try:
         if "messages" in item:
             questions, responses, labels = stream_turns(item)
-            n, path = len(labels), (item.get("videos") or [None])[0]
+            videos = item.get("videos")
+            n, path = len(labels), videos[0] if isinstance(videos, list) and videos else videos
         else:
             questions, responses = raw_turns(item)
             n = 2 + max([q for q, _ in questions] + [r[1] for r in responses])  # the video's length is unknown here
