@@ -7,6 +7,8 @@ Score streaming predictions with StreamPro-F1 (SPEC section 3) and print the pap
     python bench.py --preds out/preds.jsonl --judge http --judge_url http://localhost:8000/v1 --judge_model NAME
     python bench.py --preds out/preds.jsonl --show v12_q0          # one sample as a text timeline
     python bench.py --from_ovo ovo_bench_new.json --out data/ovo/far.jsonl
+    python bench.py --from_streamingbench questions_proactive.json --out data/sb/proactive.jsonl   # formats.py
+    python bench.py --ann data/sb/proactive.jsonl --baseline oracle --rule streamingbench  # + its own rule
     python bench.py --time_scoring 10000               # how fast the metric is with the offline judge
     python bench.py --model out/sft-cb                 # stream a checkpoint over --ann (infer.py, resumable), then score
     python bench.py                                    # the latest default checkpoint (out/grpo, out/sft-cb, out/seed0/...)
@@ -39,6 +41,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+import formats
 from data import INTERVAL_TASKS, TASKS, AnnotationError, answer_end, cli_args, load_annotations
 from metric import HTTPJudge, JudgeError, OfflineJudge, aggregate, roc_auc, score_sample
 
@@ -411,6 +414,11 @@ def main(argv=None):
     # tools
     ap.add_argument("--show", metavar="ID", help="print one sample as a timeline instead of the table")
     ap.add_argument("--from_ovo", metavar="OVO.json", help="convert OVO-Bench FAR items (REC/SSR/CRR) to --out")
+    ap.add_argument("--from_streamingbench", metavar="SB.json", help="convert StreamingBench's questions_proactive.json "
+                    "to --out (formats.py)")
+    ap.add_argument("--video_root", help="--from_streamingbench: the folder its video_path values are relative to")
+    ap.add_argument("--rule", choices=["f1", "streamingbench"], default="f1", help="streamingbench: also score with "
+                    "StreamingBench's proactive rule (time and answer accuracy, formats.streamingbench_rule)")
     ap.add_argument("--time_scoring", type=int, metavar="N", help="time the metric on N random samples")
     args = ap.parse_args(cli_args(argv))
 
@@ -424,6 +432,10 @@ def main(argv=None):
         if not args.out:
             raise BenchError("--from_ovo needs --out ANN.jsonl")
         return from_ovo(args.from_ovo, args.out)
+    if args.from_streamingbench:
+        if not args.out:
+            raise BenchError("--from_streamingbench needs --out ANN.jsonl")
+        return formats.from_streamingbench(args.from_streamingbench, args.out, args.video_root)
     ann = args.ann or DEFAULT_ANN
     if not os.path.isfile(ann) and not args.ann:
         raise BenchError(f"{ann} not found: run `python data.py --make_synthetic` first, or pass --ann")
@@ -479,6 +491,9 @@ def main(argv=None):
     print(f"StreamPro-F1 of {preds_path} on {ann}, judge: {judge_name}")
     print(format_table(summary, missing))
     results = {"ann": ann, "preds": preds_path, "judge": judge_name, "missing": missing, "summary": summary, "rows": rows}
+    if args.rule == "streamingbench":
+        results["streamingbench"] = formats.streamingbench_scores(samples, preds)
+        print(formats.format_streamingbench(results["streamingbench"]))
     out = (preds_path[:-len(".jsonl")] if preds_path.endswith(".jsonl") else preds_path) + ".results.json"
     with open(out, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
@@ -489,6 +504,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (BenchError, AnnotationError, JudgeError, OSError) as e:
+    except (BenchError, AnnotationError, JudgeError, formats.FormatError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

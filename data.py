@@ -6,6 +6,7 @@ definition (SPEC section 1).
     python data.py --make_synthetic          # generate the synthetic benchmark (synthetic.py)
     python data.py --show 1                  # one tokenised training conversation, coloured
     python data.py --show 1 --states 3 --split val --model out/tiny-qwen2_5_vl
+    python data.py --from_streamo stream_format.json --out data/streamo/train.jsonl --video_root DIR   # formats.py
 """
 import argparse
 import json
@@ -533,7 +534,19 @@ if __name__ == "__main__":
     p.add_argument("--states", type=int, default=2, choices=[2, 3])
     p.add_argument("--fps", type=float, default=1.0)
     p.add_argument("--model", default=None, help="tokenizer/processor to use (default: the tiny Qwen2.5-VL, built if missing)")
+    p.add_argument("--from_streamo", metavar="FILE", help="convert Streamo-Instruct (raw or stream format) to --out (formats.py)")
+    p.add_argument("--out", help="--from_streamo: the annotation JSONL to write")
+    p.add_argument("--video_root", help="--from_streamo: the folder Streamo's video paths are relative to; samples "
+                   "whose video is not there are skipped and counted")
     a = p.parse_args(cli_args())
+    if a.from_streamo:
+        import formats
+        if not a.out:
+            p.error("--from_streamo needs --out ANN.jsonl")
+        try:
+            formats.from_streamo(a.from_streamo, a.out, a.video_root)
+        except (formats.FormatError, OSError) as e:
+            raise SystemExit(f"error: {e}")
     if a.make_synthetic:
         import time
         t0 = time.time()

@@ -1078,6 +1078,174 @@ def test_random_scoring_samples_shape():
 
 
 # -----------------------------------------------------------------------------
+# Real data formats (formats.py): Streamo-Instruct in, StreamingBench's proactive task in and its own rule
+
+import formats  # noqa: E402
+
+# Streamo's two formats, hand-made in the structure of its dataset/example/ files (raw_data.json and
+# stream_format.json): a question at "5" with an interval answer (Standby), one at 3 with an instant answer
+# as a float string, and one sample with two questions (no repeat on <0s-1s>: its first question is there).
+STREAMO_RAW = [
+    {"video_name": "v_a.mp4", "video_path": "clips/v_a.mp4", "task_type": "QA", "source": "fixture",
+     "question": [{"content": "What is on the poster?", "time": "5"}],
+     "response": [{"content": "A film title.", "st_time": 5.0, "end_time": 6.0, "time": ""}]},
+    {"video_name": "v_b.mp4", "video_path": "clips/v_b.mp4", "task_type": "QA", "source": "fixture",
+     "question": [{"content": "What does he hold?", "time": 3}],
+     "response": [{"content": "A microphone.", "st_time": "", "end_time": "", "time": "8.6"}]},
+    {"video_name": "v_c.mp4", "video_path": "clips/v_c.mp4", "task_type": "narration", "source": "fixture",
+     "question": [{"content": "Count the jumps.", "time": "1"}, {"content": "What does the car do?", "time": "6"}],
+     "response": [{"content": "One.", "time": "3"}, {"content": "It turns left.", "st_time": "6", "end_time": "7", "time": ""},
+                  {"content": "It stops.", "time": 10}]},
+]
+S_, B_, R_ = "</Silence>", "</Standby>", "</Response> "
+STREAMO_TURNS = [  # (turns, questions by turn, assistant labels): what Streamo's converter writes for STREAMO_RAW
+    (10, {0: "What is on the poster?", 4: "What is on the poster?"},
+     [S_, S_, S_, S_, B_, B_, R_ + "A film title.", S_, S_, S_]),
+    (10, {0: "What does he hold?", 2: "What does he hold?"},
+     [S_, S_, S_, S_, S_, S_, S_, R_ + "A microphone.", S_, S_]),
+    (12, {0: "Count the jumps.", 5: "What does the car do?"},
+     [S_, S_, R_ + "One.", S_, S_, B_, B_, R_ + "It turns left.", S_, R_ + "It stops.", S_, S_]),
+]
+
+
+def streamo_stream(raw, n, questions, labels):
+    msgs = [{"role": "system", "content": "\nYou are a helpful assistant specializing in streaming video analysis.\n"}]
+    for k in range(n):
+        q = questions.get(k)
+        msgs += [{"role": "user", "content": (f"{q}\n" if q else "") + f"<{k}s-{k + 1}s>\n<stream>"},
+                 {"role": "assistant", "content": labels[k]}]
+    return {"messages": msgs, "videos": [raw["video_path"]], "video_name": raw["video_name"],
+            "task_type": raw["task_type"], "source": raw["source"]}
+
+
+def test_streamo_converter_reproduces_streamo_labels(tmp_path):
+    """Both formats convert, and our 3-state conversations give Streamo's assistant messages turn by turn."""
+    stream = [streamo_stream(r, *t) for r, t in zip(STREAMO_RAW, STREAMO_TURNS)]
+    for r, (n, _, labels) in zip(STREAMO_RAW, STREAMO_TURNS):  # our reading of Streamo's converter agrees with its output
+        assert formats.streamo_labels(formats.raw_turns(r)[1], n) == labels
+    for name, items in (("raw", STREAMO_RAW), ("stream", stream)):
+        src, dst = tmp_path / f"{name}.json", tmp_path / f"{name}.jsonl"
+        src.write_text(json.dumps(items, indent=1))
+        assert formats.from_streamo(str(src), str(dst)) == {"samples": 4, "sources": 3, "split": 1, "skipped": {}}
+        samples = load_annotations(str(dst), check_videos=False)
+        assert [s["id"] for s in samples] == ["v_a_0_q0", "v_b_1_q0", "v_c_2_q0", "v_c_2_q1"]
+        a, b, c0, c1 = samples
+        assert a["query_time"] == 4.0 and a["answers"] == [{"start": 4.0, "end": 7.0, "text": "A film title."}]
+        assert b["query_time"] == 2.0 and b["answers"] == [{"time": 8.0, "text": "A microphone."}]
+        assert [x["text"] for x in c0["answers"]] == ["One."] and c1["query_time"] == 5.0
+        assert [x["text"] for x in c1["answers"]] == ["It turns left.", "It stops."]
+        assert a["video"] == "clips/v_a.mp4" and ("duration" in a) == (name == "stream")
+        for group, (n, _, labels) in zip([[a], [b], [c0, c1]], STREAMO_TURNS):
+            ours = [S_] * n
+            for s in group:
+                for t in data.build_conversation(s, n, states=3)["turns"]:
+                    if t["decision"] != S_:
+                        assert ours[t["k"]] == S_
+                        ours[t["k"]] = t["target"]
+            assert [data.split_decision(x) for x in ours] == [data.split_decision(x) for x in labels], group[0]["id"]
+
+
+def test_streamo_converter_skips_with_reasons(tmp_path, capsys):
+    (tmp_path / "videos" / "clips").mkdir(parents=True)
+    (tmp_path / "videos" / "clips" / "v_a.mp4").write_bytes(b"")
+    late_q = {"video_path": "clips/v_a.mp4", "question": [{"content": "A?", "time": "2"}, {"content": "B?", "time": "8"}],
+              "response": [{"content": "b", "st_time": "4", "end_time": "9", "time": ""}]}  # Standby for B before B
+    early = {"video_path": "clips/v_a.mp4", "question": [{"content": "A?", "time": "8"}],
+             "response": [{"content": "a", "st_time": "3", "end_time": "9", "time": ""}]}  # shown on <0s-1s>: asked at 0
+    same_turn = {"video_path": "clips/v_a.mp4", "question": [{"content": "A?", "time": "2"}, {"content": "B?", "time": 2.5}],
+                 "response": []}
+    overwritten = {"video_path": "clips/v_a.mp4", "question": [{"content": "A?", "time": "1"}],
+                   "response": [{"content": "a", "time": "6"}, {"content": "b", "st_time": "4", "end_time": "7"}]}
+    missing = dict(STREAMO_RAW[1], video_path="clips/nowhere.mp4")
+    dangling = streamo_stream(STREAMO_RAW[0], 4, {0: "Q?"}, [S_, B_, B_, S_])
+    items = [STREAMO_RAW[0], late_q, early, same_turn, overwritten, missing, dangling, 7]
+    src, dst = tmp_path / "mixed.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, items)  # JSON lines are read too
+    res = formats.from_streamo(str(src), str(dst), video_root=str(tmp_path / "videos"))
+    assert res["samples"] == 2 and res["skipped"] == {
+        "answer before its question": 1, "two questions in one turn": 1, "labels differ (ours </Response>, Streamo </Standby>)": 1,
+        "video not found under --video_root": 1, "Standby not followed by a Response": 1,
+        "not a Streamo sample (no messages, no question/response)": 1}
+    out = capsys.readouterr().out
+    assert "skipped 1: video not found under --video_root, e.g. #5 v_b.mp4" in out and "#1 ?" in out
+    got = {s["id"]: s for s in load_annotations(str(dst), check_videos=False)}
+    assert got["v_a_2_q0"]["query_time"] == 0.0 and got["v_a_2_q0"]["answers"] == [{"start": 2.0, "end": 10.0, "text": "a"}]
+    assert got["v_a_0_q0"]["video"] == str(tmp_path / "videos" / "clips" / "v_a.mp4")
+    run_py("data.py", "--from_streamo", str(src), "--out", str(tmp_path / "cli.jsonl"))
+    assert sum(1 for _ in open(tmp_path / "cli.jsonl")) == 3  # without --video_root nothing is skipped for its video
+
+
+def test_iter_json_reads_large_lists_in_pieces(tmp_path):
+    items = [{"i": i, "text": "x" * (i % 13), "nested": [{"a": "]"}, "[,"]} for i in range(50)]
+    (tmp_path / "list.json").write_text(json.dumps(items, indent=2))
+    assert list(formats.iter_json(str(tmp_path / "list.json"), chunk=7)) == items
+    write_jsonl(tmp_path / "lines.jsonl", items)
+    assert list(formats.iter_json(str(tmp_path / "lines.jsonl"), chunk=5)) == items
+    (tmp_path / "bad.json").write_text(json.dumps(items)[:-40] + "}]")
+    with pytest.raises(formats.FormatError, match="bad.json: not valid JSON at character"):
+        list(formats.iter_json(str(tmp_path / "bad.json"), chunk=16))
+    assert formats.streamo_seconds("01:05") == 65 and formats.streamo_seconds(5.9) == 5 and formats.streamo_seconds("") is None
+
+
+SB_ITEMS = [  # StreamingBench's questions_proactive.json schema; time stamps are absolute in the video file
+    {"time": "[0:02:54 - 0:03:24]", "video_path": "./videos/sample_17_proactive.mp4", "video_categories": "basketball",
+     "questions": [{"task_type": "Proactive Output", "question": 'When the scoreboard shows 20, output "20".',
+                    "time_stamp": "00:02:50", "ground_truth_time_stamp": "00:02:58", "ground_truth_output": "20",
+                    "required_ability": "working memory"}]},
+    {"time": "[0:00:00 - 0:00:10]", "video_path": "./videos/sample_32_proactive.mp4", "video_categories": "cards",
+     "questions": [{"task_type": "Proactive Output", "question": 'When all cards are collected, output "Cards collected".',
+                    "time_stamp": "00:00:06", "ground_truth_time_stamp": "00:00:16", "ground_truth_output": "Cards collected",
+                    "required_ability": "working memory"},
+                   {"task_type": "Proactive Output", "question": 'When the four of hearts shows, output "four of hearts".',
+                    "time_stamp": "0:00:02", "ground_truth_time_stamp": "0:00:05", "ground_truth_output": "four of hearts",
+                    "required_ability": "working memory"}]},
+]
+
+
+def test_streamingbench_converter(tmp_path):
+    src, dst = tmp_path / "questions_proactive.json", tmp_path / "sb" / "proactive.jsonl"
+    src.write_text(json.dumps(SB_ITEMS))
+    assert bench.main(["--from_streamingbench", str(src), "--out", str(dst)]) == 3
+    a, b, c = load_annotations(str(dst), check_videos=False)
+    assert (a["id"], a["task"], a["query_time"], a["duration"], a["clip"]) == ("sbpo000_q0", "PO", 170.0, 182.0, [174.0, 204.0])
+    assert a["answers"] == [{"time": 178.0, "text": "20", "slots": {"output": "20"}}] and a["video"] == "videos/sample_17_proactive.mp4"
+    assert (b["id"], c["id"], c["query_time"], c["answers"][0]["time"]) == ("sbpo001_q0", "sbpo001_q1", 2.0, 5.0)
+    bench.main(["--from_streamingbench", str(src), "--out", str(dst), "--video_root", str(tmp_path / "sb_videos")])
+    assert load_annotations(str(dst), check_videos=False)[0]["video"] == str(tmp_path / "sb_videos" / "videos" / "sample_17_proactive.mp4")
+    res = bench.main(["--ann", str(dst), "--baseline", "oracle", "--rule", "streamingbench", "--out", str(tmp_path / "o.preds.jsonl")])
+    assert res["summary"]["w_avg"] == 1.0 and res["streamingbench"] == {"n": 3, "time_accuracy": 1.0, "answer_accuracy": 1.0}
+    src.write_text(json.dumps([dict(SB_ITEMS[0], time="0:02:54 to 0:03:24")]))
+    with pytest.raises(formats.FormatError, match="StreamingBench entry 0"):
+        formats.from_streamingbench(str(src), str(dst))
+
+
+@pytest.mark.parametrize("dt, s_time, on_time", [(-4, 0.0, False), (-3, 0.25, False), (-2, 0.5, True), (0, 1.0, True),
+                                                 (2, 0.5, True), (3, 0.25, False), (4, 0.0, False)])
+def test_streamingbench_both_scorings_at_the_window_edges(dt, s_time, on_time):
+    """A reply dt seconds from the ground truth: StreamPro-F1 (default window [t-3, t+3], tau 4) and
+    StreamingBench's rule (on time within +-2 s; correct = on time and the output is a substring)."""
+    s = formats.streamingbench_to_annotations(SB_ITEMS)[0]  # asked at 170, due at 178
+    judge = OfflineJudge.from_samples([s])
+    for text, acc in (("The score is 20 now.", 1.0), ("twenty", 0.0)):
+        row = score_sample(s, [{"time": 178.0 + dt, "text": text}], judge)
+        assert row["f1"] == pytest.approx(s_time * acc) and row["time"] == pytest.approx(s_time)
+        assert formats.streamingbench_rule(s, [{"time": 178.0 + dt, "text": text}]) == {
+            "on_time": on_time, "correct": on_time and acc == 1.0}
+
+
+def test_streamingbench_rule_takes_the_first_reply_and_exact_case():
+    s = formats.streamingbench_to_annotations(SB_ITEMS)[1]  # "Cards collected", asked at 6, due at 16
+    rule = lambda rs: formats.streamingbench_rule(s, rs)
+    assert rule([]) == {"on_time": False, "correct": False}
+    assert rule([{"time": 5.0, "text": "Cards collected"}, {"time": 16.0, "text": "Cards collected!"}]) == {"on_time": True, "correct": True}
+    assert rule([{"time": 15.0, "text": "almost"}, {"time": 16.0, "text": "Cards collected"}]) == {"on_time": True, "correct": False}
+    assert rule([{"time": 16.0, "text": "cards collected"}]) == {"on_time": True, "correct": False}  # case-sensitive, as count.py
+    assert rule([{"time": 10.0, "text": "Cards collected"}]) == {"on_time": False, "correct": False}  # the first reply is early
+    assert formats.streamingbench_scores([s], {s["id"]: [{"time": 18.0, "text": "Cards collected"}]}) == \
+        {"n": 1, "time_accuracy": 1.0, "answer_accuracy": 1.0}
+
+
+# -----------------------------------------------------------------------------
 # Streaming inference (infer.py): the cache equals a full forward, windows, resumable predictions
 
 import infer  # noqa: E402
