@@ -101,8 +101,10 @@ def test_infer_vllm_threshold(ckpts, synth, tmp_path):
         assert len(r["responses"]) == len(r["p_response"]) - data.question_turn(s["query_time"])
 
 
-def test_grpo_vllm_two_steps_under_torchrun(ckpts, synth, tmp_path):
-    """Two GRPO steps with vLLM sampling under torchrun: finite losses, the sampler's log-probabilities
+@pytest.mark.parametrize("launch", ["torchrun", "python"])
+def test_grpo_vllm_two_steps(synth, tmp_path, launch):
+    """Two GRPO steps with vLLM sampling, under torchrun (external_launcher) and in a plain process (the
+    engine in-process): finite losses, the sampler's log-probabilities
     equal to the trainer's (< 1e-4 nats per token) in both steps, and so the weights pushed after step 1
     are the ones step 2 samples from: lr 1e-2 moves them far beyond that gap (checked). One video, so
     step 2 streams the same frames again (vLLM's encoder cache must have been reset)."""
@@ -115,7 +117,8 @@ def test_grpo_vllm_two_steps_under_torchrun(ckpts, synth, tmp_path):
     # group differ (a format mistake here and there): the update is not zero
     start = checkpoint("qwen2_5_vl", tmp_path / "start", scale=20.0, seed=1, tokens=(data.SILENCE, data.RESPONSE))
     out = tmp_path / "grpo"
-    log = run_py("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "grpo.py", "--backend", "vllm",
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if launch == "torchrun" else []
+    log = run_py(*launcher, "grpo.py", "--backend", "vllm",
                  "--model", start, "--data", str(train), "--val", "", "--levels", "", "--out", str(out),
                  "--batch", "1", "--group", "4", "--max_steps", "2", "--save_every", "1", "--lr", "1e-2", "--temperature", "0.7",
                  "--window", "6", "--chunk", "3", "--max_new", "6", "--eval_samples", "0")
@@ -125,7 +128,7 @@ def test_grpo_vllm_two_steps_under_torchrun(ckpts, synth, tmp_path):
         assert np.isfinite(s["loss"]) and s["gnorm"] is not None and np.isfinite(s["gnorm"]), s
         assert s["logp_gap"] < 1e-4, s
     assert steps[0]["zero_var"] < 1 and steps[0]["gnorm"] > 0, steps[0]  # step 1 moved the weights
-    print("GRPO with vLLM: " + "; ".join(f"step {s['step']} loss {s['loss']:+.4f} gap {s['logp_gap']:.1e} reward {s['reward']:.3f}" for s in steps))
+    print(f"GRPO with vLLM ({launch}): " + "; ".join(f"step {s['step']} loss {s['loss']:+.4f} gap {s['logp_gap']:.1e} reward {s['reward']:.3f}" for s in steps))
     from safetensors.torch import load_file
     before = load_file(os.path.join(start, "model.safetensors"))
     after = load_file(os.path.join(M.latest(str(out)), "model.safetensors"))

@@ -58,8 +58,11 @@ def make_engine(path, fmt, dtype, max_len, images, seed=0, colocated=False, logp
             kw["distributed_executor_backend"] = "external_launcher"
         kw["enable_sleep_mode"] = current_platform.is_sleep_mode_available()
         kw["gpu_memory_utilization"] = 0.35  # the trainer holds the rest
-    return LLM(model=path, dtype=dtype, seed=seed, enable_prefix_caching=True, max_model_len=max_len,
-               limit_mm_per_prompt={"image": images}, logprobs_mode=logprobs, **kw)
+    llm = LLM(model=path, dtype=dtype, seed=seed, enable_prefix_caching=True, max_model_len=max_len,
+              limit_mm_per_prompt={"image": images}, logprobs_mode=logprobs, **kw)
+    if colocated:
+        sleep(llm)  # asleep whenever it is not rolling out: push_weights wakes it
+    return llm
 
 
 def sleep(llm):
@@ -77,7 +80,7 @@ def push_weights(llm, model, dtype):
     embeddings are reused (vLLM's docstring; on CPU the next rollout fails with "Encoder cache miss")."""
     import torch
     from torch.distributed.tensor import DTensor
-    sleeping = llm.llm_engine.vllm_config.model_config.enable_sleep_mode
+    sleeping = llm.llm_engine.vllm_config.model_config.enable_sleep_mode  # colocated engines sleep between rollouts
     if sleeping:
         llm.wake_up(tags=["weights"])
     dt = getattr(torch, dtype)
