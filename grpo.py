@@ -394,7 +394,7 @@ def main(args):
     cfg = vars(args).copy()
     print0(json.dumps(cfg))
     print0(f"GRPO: {start} -> {args.out}, {len(train)} training videos, G={args.group}, {world} process(es), {max_steps} steps")
-    log = M.open_log(args.out, step) if rank == 0 else None
+    log = M.open_log(args.out, step if ckpt else -1) if rank == 0 else None  # no checkpoint: a fresh log
     autocast = autocast_for(device, args)
     sizes = M.flop_sizes(model)
 

@@ -333,6 +333,8 @@ def predict_file(args):
         print(f"{args.ann}: {len(samples)} samples, {len(done)} already predicted, {len(todo)} to go on rank 0 of {world}")
     os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
     if todo and args.backend == "vllm":
+        if args.offline_model:
+            raise SystemExit("--offline_model (the Wait protocol) runs on the HF backend: drop --backend vllm")
         if ddp:
             raise SystemExit("--backend vllm runs in one process (vLLM spreads a model over GPUs itself): drop torchrun")
         run_batches(*vllm_runner(args, todo), todo, args, shard, rank)

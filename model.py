@@ -322,8 +322,9 @@ def _swap(out):
 
 def open_log(out, step):
     """The run's log.jsonl opened for appending, without the records after `step`: a run resumed from
-    its step-`step` checkpoint redoes those steps, so every step appears once (a fresh run, step 0,
-    starts an empty log; a line cut off by a crash is dropped too)."""
+    its step-`step` checkpoint redoes those steps, so every step appears once (a fresh run, step -1,
+    starts an empty log, also when a run killed before its first checkpoint left one; a line cut off by a
+    crash is dropped too)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "log.jsonl")
     keep = []

@@ -436,7 +436,7 @@ def run(args, ddp, rank, world, device):
     print0(json.dumps(cfg))
     print0(f"{args.stage} stage: {args.model} -> {args.out}, {sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters, "
            f"{world} process(es), {max_steps} steps")
-    log = M.open_log(args.out, step) if rank == 0 else None
+    log = M.open_log(args.out, step if ckpt else -1) if rank == 0 else None  # no checkpoint: a fresh log
     autocast = autocast_for(device, args)
 
     def evaluate():

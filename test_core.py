@@ -1900,3 +1900,7 @@ def test_kill_9_then_resume_gives_the_same_weights(tiny, trained, synth, tmp_pat
     assert same_weights(tmp_path / "grpo-a", tmp_path / "grpo-b") == 0
     steps = [json.loads(l)["step"] for l in open(tmp_path / "grpo-b" / "log.jsonl")]
     assert steps == [0] + list(range(1, 5)), steps  # step 0: the eval before training; --eval_every 0: none in between
+    # killed during its first eval, before any checkpoint: the resumed run starts a fresh log
+    kill_and_resume("grpo.py", common + ["--eval_samples", "4"], str(tmp_path / "grpo-c"), 0, env)
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "grpo-c" / "log.jsonl")]
+    assert steps == [0] + list(range(1, 5)), steps
