@@ -78,7 +78,7 @@ def get_args(argv=None):
     g.add_argument("--api_key_env", default="OPENAI_API_KEY")
     g.add_argument("--judge_concurrency", type=int, default=16)
     g = p.add_argument_group("policy update (SPEC section 2)")
-    g.add_argument("--lr", type=float, default=3e-5, help="paper 1e-6 for 3B/4B; tiny model: 3e-4 collapses the format reward (README)")
+    g.add_argument("--lr", type=float, default=3e-5, help="paper 1e-6 for 3B/4B; tiny model: 3e-4 collapses the format reward (STUDY.md)")
     g.add_argument("--warmup", type=int, default=0)
     g.add_argument("--min_lr_ratio", type=float, default=1.0)
     g.add_argument("--eps", type=float, default=0.2, help="clip below: 1 - eps")

@@ -79,7 +79,7 @@ def load(path, dtype=torch.float32, device="cpu", attn="sdpa", freeze_vision=Tru
     add_decision_tokens(model, processor.tokenizer)
     if freeze_vision:  # the ViT stays frozen; the merger (projector) and the LLM are trained
         # (ours) except a tiny model's projector, which is random: Adam's steps on it (even at 1e-4)
-        # scrambled the visual tokens faster than the LM learned to read them (README: tiny models)
+        # scrambled the visual tokens faster than the LM learned to read them (STUDY.md: tiny models)
         tiny = getattr(model.config, "streampro_tiny", False)
         for name, p in model.model.visual.named_parameters():
             p.requires_grad = "merger" in name and not tiny
@@ -491,7 +491,7 @@ def build_tiny(family="qwen2_5_vl", out="out/tiny-qwen2_5_vl", seed=0, hidden=12
     config, cls, patch = make_config(family, text, vision, tok, vocab_size)
     config.streampro_tiny = True  # load() keeps a tiny model's random projector frozen (see there)
     # (ours) 2-frame turns: a one-frame turn left the tiny LM to find a change by comparing two turns'
-    # visual tokens 30 tokens apart, which it did not learn within the CPU budget (README). One frame per
+    # visual tokens 30 tokens apart, which it did not learn within the CPU budget (STUDY.md). One frame per
     # turn is the paper's format and the only one vLLM takes (one image per turn): the vLLM tests use it.
     config.streampro_frames_per_turn = frames_per_turn
     return save_model(family, config, cls, patch, tok, out)

@@ -5,7 +5,7 @@
 # synthetic test split (free-running streaming decoding), plus the calibration control (CE with its
 # threshold tuned on val) and the model-free baselines -> results table.
 #
-#   bash pipeline.sh            # one seed (0): 32 minutes on 2 cores; run it alone (README: wall time)
+#   bash pipeline.sh            # one seed (0): 32 minutes on 2 cores; run it alone (STUDY.md: wall time)
 #   bash pipeline.sh 0 1 2      # three seeds, then mean ± std: 90 minutes
 #
 # Every stage skips what is done (checkpoints and prediction files resume), so rerunning after an

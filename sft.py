@@ -4,7 +4,7 @@ Supervised fine-tuning for the streaming format (SPEC sections 2 and 5). Three s
   --stage offline  single-turn perception SFT (plain CE) that turns a tiny random model into a tiny
                    *base* VLM that can see. Tiny models only: Qwen-VL-Instruct already sees.
   --stage narrate  (ours, tiny models) the base learns to watch: short frame streams captioned turn by
-                   turn, so it reads the latest frame among several (README: tiny models).
+                   turn, so it reads the latest frame among several (STUDY.md: tiny models).
   --stage stream   streaming SFT with --loss cb (CB-Stream, default) | focal (Streamo) | ce: the paper's stage.
 
     python sft.py                                    # CPU: tiny base and narrator first if missing -> streaming SFT
@@ -184,7 +184,7 @@ def center_projector(model, fmt, seed, n=128):
     """(ours, tiny models only) Data-dependent init: shift the projector's output bias so the visual
     tokens of a sample of frames have zero mean. A random ViT's tokens share a large common
     component that hides their content; with it the tiny LM did not learn to read colours in
-    1500 steps, without it in ~200 (README: tiny models)."""
+    1500 steps, without it in ~200 (STUDY.md: tiny models)."""
     from synthetic import perception_pairs
     frames = np.concatenate([p["frames"] for p in perception_pairs(n, [seed, 1])])
     pv, grid, _ = fmt.images(frames)

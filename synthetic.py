@@ -6,7 +6,7 @@ tasks. It is the default data of every script, so the whole pipeline runs offlin
     python data.py --make_synthetic                      # default sizes, into data/synthetic
     python synthetic.py --out data/synthetic --n_train 1200 --levels 0,1,2 --seed 0
 
-Difficulty levels (measured with the tiny models, see README):
+Difficulty levels (measured with the tiny models, see STUDY.md):
   0  one square changes colour at random times; "tell me when the square turns red"        (OU)
   1  question-conditioned: "tell me when the square turns {colour}"; changes to other colours and
      the colour changes of other shapes are distractors                                      (OU)
@@ -365,7 +365,7 @@ def narration(n, seed=0, size=56, max_turns=8, p_change=0.4):
     is a 2-frame chunk (the frames at k - 0.5 s and k s, as data.load_video cuts them) and its caption is
     "The {shape} turned {colour}." or "Nothing changed.". Answering every turn about its own chunk teaches
     the LM to read the latest frame among several, which single-image pairs never ask for and streaming
-    needs at every decision (README: tiny models)."""
+    needs at every decision (STUDY.md: tiny models)."""
     rng = np.random.default_rng([*np.ravel(seed).tolist(), 11])
     out = []
     for _ in range(n):

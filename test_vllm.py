@@ -1,6 +1,6 @@
 """
 vLLM run for real on the CPU (vllm-cpu 0.32.0), against the HF path: infer.py --backend vllm and grpo.py
---backend vllm. These tests need their own venv (vLLM pins its own stack; README: "vLLM on a CPU"); .ci/run
+--backend vllm. These tests need their own venv (vLLM pins its own stack; vllm_cpu.sh); .ci/run
 builds it and runs them:
 
     VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m pytest -q test_vllm.py
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 if os.environ.get("STREAMPRO_VLLM") != "1":
-    pytest.importorskip("vllm", reason="vLLM is not installed here (README: vLLM on a CPU)")
+    pytest.importorskip("vllm", reason="vLLM is not installed here (bash vllm_cpu.sh)")
 
 import data
 import model as M

