@@ -363,8 +363,12 @@ def supervised_logits(model, b, device, autocast):
     nxt = b["labels"][:, 1:]
     keep = torch.zeros_like(b["labels"], dtype=torch.bool)
     keep[:, :-1] = nxt != -100
+    # the LM's and the ViT's positions and indices from the host batch: on the device they cost 811
+    # host syncs per 201-frame step (issue 19)
+    pos = M.rope_positions(model, b["input_ids"], b["mm_token_type_ids"], b["image_grid_thw"], b["attention_mask"])
+    inputs = {**{k: v.to(device) for k, v in data.model_inputs(b).items()}, **M.vision_inputs(model, b["image_grid_thw"], device)}
     with autocast, M.logits_at(model, keep):
-        logits = model(**{k: v.to(device) for k, v in data.model_inputs(b).items()}, logits_to_keep=0).logits[0]
+        logits = model(**inputs, position_ids=pos.to(device), logits_to_keep=0).logits[0]
     return logits, nxt[nxt != -100].to(device), keep
 
 
