@@ -6,6 +6,7 @@ and the stand-in models that need no download.
     python model.py --tiny qwen3_vl --out out/tiny-qwen3_vl
     python model.py --random qwen2.5-vl-3b --out /tmp/m3b              # the real architecture, random weights (GPU checks)
     python model.py --random qwen3-vl-4b --out /tmp/m4b
+    python model.py --estimate qwen2.5-vl-3b --frames 200 --size 448 [--world 8]   # GPU costs, measured on a CPU (costs.py)
 
 `load` takes a local directory or a hub id (Qwen2.5-VL-3B-Instruct, Qwen3-VL-4B-Instruct, a checkpoint
 written by sft.py or grpo.py, or a model made here) and returns (model, processor) with the decision
@@ -169,8 +170,9 @@ def vision_inputs(model, grid, device):
         index, windows = torch.cat([r for r, _ in runs]), torch.tensor([n for _, n in runs]) * unit
         out.update(window_index=index, cu_window_seqlens=F.pad(windows.cumsum(0), (1, 0)).int(),
                    max_window_seqlen=int(windows.max()))
-        frame_of = torch.repeat_interleave(torch.arange(len(frames)), frames // unit)[index]
-        order = (torch.argsort(frame_of, stable=True)[:, None] * unit + torch.arange(unit)).flatten()
+        if len(frames) > 1:  # (one frame is one segment in any order)
+            frame_of = torch.repeat_interleave(torch.arange(len(frames)), frames // unit)[index]
+            order = (torch.argsort(frame_of, stable=True)[:, None] * unit + torch.arange(unit)).flatten()
         plans[len(windows)] = attention_plan(windows.tolist(), device)
     else:
         out["interp_indices"], out["interp_weights"] = V.get_vision_interpolation_indices_and_weights(
@@ -572,9 +574,16 @@ if __name__ == "__main__":
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tiny", choices=["qwen2_5_vl", "qwen3_vl"])
     g.add_argument("--random", choices=list(REAL), help="the real architecture with random weights")
+    g.add_argument("--estimate", choices=list(REAL), help="GPU memory, FLOPs, kernels and syncs of an SFT step and a streamed turn (costs.py)")
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=200, help="--estimate: one-frame turns in the conversation")
+    p.add_argument("--size", type=int, default=448, help="--estimate: frame side in pixels, before the processor's resize")
+    p.add_argument("--world", type=int, default=1, help="--estimate: GPUs under FSDP")
     a = p.parse_args(cli_args())
+    if a.estimate:
+        import costs
+        raise SystemExit(costs.estimate(a.estimate, a.frames, a.size, a.world))
     if a.random:
         torch.manual_seed(a.seed)
         out = build_random(a.random, a.out or f"out/random-{a.random}")
