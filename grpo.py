@@ -484,7 +484,7 @@ def restore(ckpt, dmodel, opt, gen, rank):
     """Optimizer, step and RNG states (the sampler's per rank) of a checkpoint; step 0 without one."""
     if not ckpt:
         return 0
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    state = M.load_trainer_state(ckpt)
     M.set_optimizer_state(dmodel, opt, state["optimizer"])
     random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"]), torch.set_rng_state(state["rng"]["torch"])
     if rank < len(state["rng"]["sampler"]):

@@ -14,6 +14,7 @@ tokens in the vocabulary and the vision encoder frozen, as both papers train.
 """
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -150,14 +151,21 @@ def attention_plan(lengths, device, order=None):
 
 
 def vision_inputs(model, grid, device):
-    """What the vision tower derives from image_grid_thw `grid` (a host tensor), computed here on the
-    host with transformers' own functions, as keyword arguments of the model's forward (transformers
+    """What the vision tower derives from image_grid_thw `grid` (a host tensor), computed on the host (see
+    _vision_inputs), kept for the grids seen last: a stream's turns, a batch's micro-batches repeat them."""
+    return _vision_inputs(unwrap(model).model.visual, tuple(map(tuple, grid.tolist())), str(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _vision_inputs(visual, grid, device):
+    """What the vision tower derives from image_grid_thw `grid`, computed here on the host with
+    transformers' own functions, as keyword arguments of the model's forward (transformers
     strips the image_ prefix, accepts_precomputed_kwargs; FSDP and DDP carry them to the device). On the
     device they cost ~10 host syncs and hundreds of small kernels per forward, and model.window_attention
     read the window lengths in every layer (issue 19). Qwen2.5-VL's windows are put in order of length,
     so equal windows lie together in every windowed layer; its 4 full-attention layers gather the frames."""
     from transformers import vision_utils as V
-    visual = unwrap(model).model.visual
+    grid = torch.tensor(grid)
     merge, unit = visual.spatial_merge_size, visual.spatial_merge_size ** 2
     cu = V.get_vision_cu_seqlens(grid)
     frames = cu.diff()
@@ -170,15 +178,15 @@ def vision_inputs(model, grid, device):
         index, windows = torch.cat([r for r, _ in runs]), torch.tensor([n for _, n in runs]) * unit
         out.update(window_index=index, cu_window_seqlens=F.pad(windows.cumsum(0), (1, 0)).int(),
                    max_window_seqlen=int(windows.max()))
-        if len(frames) > 1:  # (one frame is one segment in any order)
+        if len(frames) not in (1, len(windows)):  # (a frame that is one window: the window plan serves both)
             frame_of = torch.repeat_interleave(torch.arange(len(frames)), frames // unit)[index]
             order = (torch.argsort(frame_of, stable=True)[:, None] * unit + torch.arange(unit)).flatten()
         plans[len(windows)] = attention_plan(windows.tolist(), device)
     else:
         out["interp_indices"], out["interp_weights"] = V.get_vision_interpolation_indices_and_weights(
             grid, visual.num_grid_per_side, visual.interpolation_mode, visual.interpolation_align_corners, merge)
-    # (a frame that is one window: the same segments either way, and the window plan moves nothing)
-    plans.setdefault(len(frames), attention_plan(frames.tolist(), device, order))
+    if len(frames) not in plans:
+        plans[len(frames)] = attention_plan(frames.tolist(), device, order)
     out = {"image_" + k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
     out["image_attention_plans"] = plans
     return out
@@ -401,6 +409,13 @@ def open_log(out, step):
         f.writelines(keep)
     os.replace(path + ".tmp", path)
     return open(path, "a")
+
+
+def load_trainer_state(ckpt):
+    """trainer_state.pt of a checkpoint, memory-mapped: set_optimizer_state reads each rank's shard of the
+    full optimizer state from the file's pages, so no rank holds the whole of it (about 30 GB at 3B; every
+    rank loaded all of it before, issue 19)."""
+    return torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False, mmap=True)
 
 
 def set_optimizer_state(model, optimizer, state):
