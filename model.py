@@ -147,7 +147,9 @@ def attention_plan(lengths, device, order=None):
         a += n * L
     if order is None:
         return None, None, groups
-    return order.to(device), torch.argsort(order).to(device), groups
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return order.to(device), inverse.to(device), groups
 
 
 def vision_inputs(model, grid, device):

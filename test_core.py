@@ -1759,10 +1759,9 @@ def test_silent_streamed_turn_keeps_its_budgets(name, syncs):
 def test_rollout_rebuild_at_the_presets_window_allocates_nothing_quadratic():
     """GRPO's HF rollout reaches its first window rebuild at turn 251 (--window 200 --chunk 50), its rows
     ~29k tokens each. Rows padded to one length made transformers build a dense (n, 1, L, L) mask, 13.5 GB
-    at the preset's 16 rows; row by row nothing as large as one row's L x L bytes is allocated. 4 rows here
-    (the rows are prefilled one at a time: 16 repeat the same prefill; 3 minutes of CPU instead of 45 s)."""
+    at the preset's 16 rows; row by row nothing as large as one row's L x L bytes is allocated."""
     model, fmt = costs.build("qwen2.5-vl-3b", 448)
-    meter, L = costs.rebuild(model, fmt, rows=4)
+    meter, L = costs.rebuild(model, fmt, rows=16)
     assert L > 29000
     assert meter.biggest < L * L, (meter.biggest, L * L)
 
@@ -1802,6 +1801,8 @@ def test_host_positions_equal_the_models_own_in_a_padded_batch(tiny, synth, fami
                                                   mm_token_type_ids=b["mm_token_type_ids"])
     assert torch.equal(pos, own)
     assert torch.allclose(got, ref, atol=1e-5)
+    # made per conversation in the training loop's prefetch thread, padded by data.collate: the same positions
+    assert torch.equal(data.collate(sft.with_positions(model, items), fmt.tok.pad_token_id)["position_ids"], own)
 
 
 def test_estimate_prints_allocated_memory_flops_kernels_and_syncs():
