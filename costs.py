@@ -89,7 +89,7 @@ class Meter(TorchDispatchMode):
                 value = torch.ones(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
             if name == "_local_scalar_dense" or to == "cpu":
                 return value.item() if torch.is_tensor(value) and name == "_local_scalar_dense" else value
-            out = value.to("meta")
+            out = pytree.tree_map_only(torch.Tensor, lambda v: v.to("meta"), value)
         else:
             out = func(*args, **kwargs)
         if not (func.is_view or name in VIEWS or name in ALLOCS or func.namespace == "prim"):
