@@ -106,7 +106,9 @@ class Meter(TorchDispatchMode):
         """A host tensor's copy on the simulated device, its values known."""
         if t is None or t.device.type == "meta":
             return t
-        out = t.to("meta")
+        with torch.utils._python_dispatch._disable_current_modes():
+            out = t.to("meta")
+        self.track(out)
         self.known[id(out)] = t
         weakref.finalize(out, self.known.pop, id(out), None)
         return out
@@ -166,10 +168,21 @@ they would loop over the 440 tensors, and foreach AdamW holds a temporary copy o
     fu._get_foreach_kernels_supported_devices = lambda: foreach() + ["meta"]
     fu._get_fused_kernels_supported_devices = opt._get_fused_kernels_supported_devices = lambda: fused() + ["meta"]
     F.scaled_dot_product_attention = routed_sdpa(meter)
+    tensor = torch.tensor
+
+    def host_copy(data, *a, device=None, **k):  # torch.tensor(values, device=GPU): made on the host, copied over
+        if isinstance(data, (list, tuple)):  # device scalars among the values: each one read back (a sync)
+            data = pytree.tree_map_only(torch.Tensor, lambda t: t.item(), data)
+        if device is None or torch.device(device).type != "meta":
+            return tensor(data, *a, device=device, **k)
+        meter.kernels += 1
+        return meter.meta(tensor(data, *a, **k))
+    torch.tensor = host_copy
     try:
         with meter:
             yield meter
     finally:
+        torch.tensor = tensor
         fu._get_foreach_kernels_supported_devices = foreach
         fu._get_fused_kernels_supported_devices = opt._get_fused_kernels_supported_devices = fused
         F.scaled_dot_product_attention = sdpa
