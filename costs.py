@@ -316,14 +316,14 @@ def estimate(name, frames, size, world=1):
     flops = M.train_flops(sizes, [T], n_patches)
     params, states, layer = memory_split(model)
     peak = meter.peak
-    if world > 1:  # FSDP2 per decoder layer: persistent bytes sharded, two layers gathered in flight (one prefetched)
-        peak = peak - (params + states) * (1 - 1 / world) + 2 * layer
+    if world > 1:  # the presets' FSDP2: fp32 parameters, gradients and AdamW states sharded; two decoder layers
+        peak = peak - (params + states) + 2 * (params + states) / world + 2 * layer  # gathered in bf16 (one prefetched)
     print(f"{name}: {frames} frames of {size} px -> {grid[0, 1] * grid[0, 2] // 4} visual tokens per frame, {T:,} tokens; "
-          f"bf16 parameters, LM checkpointed, ViT frozen, AdamW")
+          f"LM checkpointed, ViT frozen, AdamW")
     print("  memory is ALLOCATED memory, a lower bound: no CUDA context, no allocator cache, no kernel workspaces")
-    where = (f"FSDP over {world} GPUs: parameters, gradients and AdamW states ({(params + states) / GIB:.1f} GiB in all) "
-             f"counted 1/{world} each, plus 2 decoder layers gathered whole ({2 * layer / GIB:.2f} GiB); activations whole"
-             if world > 1 else "one GPU, no FSDP")
+    where = (f"FSDP over {world} GPUs as the presets run it: fp32 parameters, gradients and AdamW states "
+             f"({2 * (params + states) / GIB:.1f} GiB in all) counted 1/{world} on each GPU, plus 2 decoder layers gathered "
+             f"in bf16 ({2 * layer / GIB:.2f} GiB); the bf16 activations whole" if world > 1 else "one GPU, no FSDP, bf16 parameters")
     print(f"  SFT step: peak {peak / GIB:.2f} GiB allocated per GPU in a step after the first ({where})"
           + ("" if world > 1 else f"; in the first step, which creates the AdamW states at its end: {first / GIB:.2f} GiB"))
     print(f"            {flops / 1e12:,.0f} TFLOP (model.train_flops); {meter.kernels:,} kernels, {sum(meter.syncs.values())} host syncs, "
