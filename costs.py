@@ -277,7 +277,8 @@ def streamed_turn(model, fmt, turns=3, rows=1):
 
 def rebuild(model, fmt, rows=16, window=200, chunk=50):
     """infer.Streams' window rebuild as a GRPO rollout reaches it (turn window + chunk + 1) with `rows`
-    streams: every row holds window + chunk + 1 silent turns, then _rebuild. Returns (meter, longest row)."""
+    streams: every row holds window + chunk + 1 turns, silent but for one answer of a different length in
+    each row (rows of unequal length, as sampled rollouts are), then _rebuild. Returns (meter, longest row)."""
     import infer
     model.eval()
     meter = Meter()
@@ -289,7 +290,8 @@ def rebuild(model, fmt, rows=16, window=200, chunk=50):
         for b in range(rows):
             for k in range(window + chunk + 1):
                 u = fmt.user_ids(data.time_marker(k), n_img[0], "Tell me when it moves." if k == 1 else None)
-                content = [fmt.decision_ids[data.SILENCE], fmt.eos_id]
+                content = [fmt.decision_ids[data.SILENCE], fmt.eos_id] if k != window else \
+                    [fmt.decision_ids[data.RESPONSE], *fmt.ids(" It moved." * (b + 1)), fmt.eos_id]
                 S.ctx[b].append({"user": u, "content": content, "tail": list(fmt.asst_close_tail), "pv": pv, "grid": grid,
                                  "question": k == 1, "ids": u + content + list(fmt.asst_close_tail)})
         meter.reset()
