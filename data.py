@@ -437,15 +437,21 @@ def collate(items, pad_id):
     mask = torch.zeros(len(items), L, dtype=torch.long)
     for i, x in enumerate(items):
         mask[i, : len(x["input_ids"])] = 1
-    return {"input_ids": pad("input_ids", pad_id), "attention_mask": mask, "labels": pad("labels", -100),
-            "classes": pad("classes", IGNORE), "mm_token_type_ids": pad("mm_token_type_ids", 0),
-            "pixel_values": torch.cat([x["pixel_values"] for x in items]),
-            "image_grid_thw": torch.cat([x["image_grid_thw"] for x in items])}
+    out = {"input_ids": pad("input_ids", pad_id), "attention_mask": mask, "labels": pad("labels", -100),
+           "classes": pad("classes", IGNORE), "mm_token_type_ids": pad("mm_token_type_ids", 0),
+           "pixel_values": torch.cat([x["pixel_values"] for x in items]),
+           "image_grid_thw": torch.cat([x["image_grid_thw"] for x in items])}
+    if all("position_ids" in x for x in items):  # mrope positions made on the host (sft.with_positions)
+        out["position_ids"] = torch.zeros(3, len(items), L, dtype=torch.long)  # padding at 0, as the model sets it
+        for i, x in enumerate(items):
+            out["position_ids"][:, i, : x["position_ids"].shape[1]] = x["position_ids"]
+    return out
 
 
 def model_inputs(batch):
     """The keys of a collated batch that the model's forward takes."""
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")}
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw", "position_ids")
+    return {k: batch[k] for k in keys if k in batch}
 
 
 # -----------------------------------------------------------------------------

@@ -225,19 +225,24 @@ def collate_seqs(seqs, pad_id, image_token_id, device):
         old += [o for o, t in zip(s["old"][1:], s["train"][1:]) if t]
         adv += [s["adv"]] * sum(s["train"][1:])
         row += [i] * sum(s["train"][1:])
-    return {"ids": ids.to(device), "mask": mask.to(device), "types": (ids == image_token_id).long().to(device),
-            "pv": torch.cat([p for s in seqs for p, _ in s["images"]]).to(device),
-            "grid": torch.cat([g for s in seqs for _, g in s["images"]]).to(device), "keep": keep.to(device),
+    types, grid = (ids == image_token_id).long(), torch.cat([g for s in seqs for _, g in s["images"]])
+    return {"ids": ids.to(device), "mask": mask.to(device), "types": types.to(device),
+            "pv": torch.cat([p for s in seqs for p, _ in s["images"]]).to(device), "grid": grid.to(device), "keep": keep,
+            "host": {"ids": ids, "mask": mask, "types": types, "grid": grid},  # token_logp derives positions from them
             "target": ids[:, 1:][keep[:, :-1]].to(device), "old": torch.tensor(old, device=device), "adv": torch.tensor(adv, device=device),
             "row": torch.tensor(row, dtype=torch.long, device=device)}
 
 
 def token_logp(model, batch, T, never=None):
     """log pi of every trained token of a collated batch, flat: the distribution the Sampler draws from
-    (temperature T, the `never` ids masked out). The lm_head runs at those positions only."""
+    (temperature T, the `never` ids masked out). The lm_head runs at those positions only. Positions and
+    the ViT's indices are computed on the host (sft.supervised_logits says why)."""
+    h, dev = batch["host"], batch["ids"].device
+    pos = M.rope_positions(model, h["ids"], h["types"], h["grid"], h["mask"]).to(dev)
     with M.logits_at(model, batch["keep"]):
-        logits = model(input_ids=batch["ids"], attention_mask=batch["mask"], mm_token_type_ids=batch["types"],
-                       pixel_values=batch["pv"], image_grid_thw=batch["grid"], logits_to_keep=0).logits[0].float() / T
+        logits = model(input_ids=batch["ids"], attention_mask=batch["mask"], mm_token_type_ids=batch["types"], position_ids=pos,
+                       pixel_values=batch["pv"], image_grid_thw=batch["grid"], logits_to_keep=0,
+                       **M.vision_inputs(model, h["grid"], dev)).logits[0].float() / T
     if never is not None:
         logits = logits.masked_fill(never, -float("inf"))
     return torch.log_softmax(logits, -1).gather(-1, batch["target"][:, None])[:, 0]
@@ -495,7 +500,7 @@ def restore(ckpt, dmodel, opt, gen, rank):
     """Optimizer, step and RNG states (the sampler's per rank) of a checkpoint; step 0 without one."""
     if not ckpt:
         return 0
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    state = M.load_trainer_state(ckpt)
     M.set_optimizer_state(dmodel, opt, state["optimizer"])
     random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"]), torch.set_rng_state(state["rng"]["torch"])
     if rank < len(state["rng"]["sampler"]):

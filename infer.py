@@ -73,7 +73,7 @@ class Streams:
         Positions: each chunk's own rope index (the model's function) plus the row's running offset,
         so cached logits equal a full-sequence forward (ENVIRONMENT.md: letting the model infer them
         is silently wrong). Returns the logits of each row's last new token (zeros for empty rows)."""
-        n, L = self.n, max(len(c) for c in chunks)
+        n, L = len(chunks), max(len(c) for c in chunks)
         dev = self.model.device
         ids = torch.full((n, L), self.pad, dtype=torch.long)
         types = torch.zeros(n, L, dtype=torch.long)
@@ -97,7 +97,8 @@ class Streams:
                 pos[:, b, : len(c)] = torch.arange(len(c)) + self.pos[b]
             self.pos[b] = pos[:, b, : len(c)].max() + 1
         self.mask = torch.cat([self.mask, new.to(dev)], 1)  # kept on the device: it grows with the context
-        kw = {"pixel_values": torch.cat(pvs).to(dev), "image_grid_thw": torch.cat(grids).to(dev)} if pvs else {}
+        kw = {"pixel_values": torch.cat(pvs).to(dev), "image_grid_thw": torch.cat(grids).to(dev),
+              **M.vision_inputs(self.model, torch.cat(grids), dev)} if pvs else {}
         out = self.model.model(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=pos.to(dev),
                                past_key_values=self.cache, use_cache=True, mm_token_type_ids=types.to(dev), **kw)
         self.cache = out.past_key_values
@@ -105,7 +106,9 @@ class Streams:
         return self.model.lm_head(out.last_hidden_state[torch.arange(n), last.to(dev)]).float()
 
     def _rebuild(self):
-        """Drop old turns: re-encode system + question turn + the last `window` turns of every row."""
+        """Drop old turns: re-encode system + question turn + the last `window` turns of every row, one row
+        at a time: rows padded to a common length made transformers build a dense (n, 1, L, L) mask, 13.5 GB
+        at 16 rows of 29k tokens (issue 19). The rows' caches are then right-padded into one."""
         chunks, images = [], []
         for b in range(self.n):
             ctx = self.ctx[b]
@@ -116,9 +119,24 @@ class Streams:
             images.append((torch.cat([r["pv"] for r in keep]), torch.cat([r["grid"] for r in keep])) if keep else None)
             self.segments[b].append({"prefix": ids, "images": [(r["pv"], r["grid"]) for r in keep], "turns": []})
             self.pending[b] = []
-        self.cache, self.mask, self.pos = DynamicCache(), self.mask[:, :0], torch.zeros(self.n, dtype=torch.long)
+        caches, pos = [], torch.zeros(self.n, dtype=torch.long)
+        for b in range(self.n):
+            self.cache, self.mask, self.pos = DynamicCache(), self.mask[:1, :0], torch.zeros(1, dtype=torch.long)
+            self._forward(chunks[b:b + 1], images[b:b + 1])
+            caches.append(self.cache)
+            pos[b] = self.pos[0]
+        L = max(len(c) for c in chunks)
+        self.cache, self.pos = DynamicCache(), pos
+        self.mask = torch.zeros(self.n, L, dtype=torch.long, device=self.mask.device)
+        for b, c in enumerate(chunks):
+            self.mask[b, : len(c)] = 1
+        for i in range(len(caches[0].layers)):  # layer by layer: the rows' caches are freed as the batch's grows
+            kv = [(c.layers[i].keys, c.layers[i].values) for c in caches]
+            for c in caches:
+                c.layers[i].keys = c.layers[i].values = None
+            pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[2]))
+            self.cache.update(torch.cat([pad(k) for k, _ in kv]), torch.cat([pad(v) for _, v in kv]), i)
         self.rebuilds += 1
-        self._forward(chunks, images)
 
     def observe(self, inputs):
         """inputs: per row (frame uint8 HxWx3, marker, question or None), or None for a row with no

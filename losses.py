@@ -54,7 +54,7 @@ def _decision_class(labels, decision_ids):
     """Index of each position's decision class, or -1 for text tokens."""
     cls = torch.full_like(labels, -1)
     for k, i in enumerate(decision_ids):
-        cls[labels == i] = k
+        cls = torch.where(labels == i, k, cls)  # (a boolean-mask assignment is a host sync on a GPU)
     return cls
 
 

@@ -7,6 +7,7 @@ and the stand-in models that need no download.
     python model.py --tiny qwen2_5_vl --frames_per_turn 1 --out out/tiny1-qwen2_5_vl  # one frame per turn (vLLM)
     python model.py --random qwen2.5-vl-3b --out /tmp/m3b              # the real architecture, random weights (GPU checks)
     python model.py --random qwen3-vl-4b --out /tmp/m4b
+    python model.py --estimate qwen2.5-vl-3b --frames 200 --size 448 [--world 8]   # GPU costs, measured on a CPU (costs.py)
 
 `load` takes a local directory or a hub id (Qwen2.5-VL-3B-Instruct, Qwen3-VL-4B-Instruct, a checkpoint
 written by sft.py or grpo.py, or a model made here) and returns (model, processor) with the decision
@@ -14,6 +15,8 @@ tokens in the vocabulary and the vision encoder frozen, as both papers train.
 """
 import argparse
 import contextlib
+import functools
+import itertools
 import json
 import os
 import shutil
@@ -104,29 +107,100 @@ def resolve(path):
     raise FileNotFoundError(f"{path} holds no checkpoint (no config.json); it holds: {held}{cut}")
 
 
-def window_attention(module, q, k, v, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None, **kw):
+def window_attention(module, q, k, v, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                     attention_plans=None, **kw):
     """The vision tower's attention over its windows (Qwen2.5-VL) or frames (Qwen3-VL), listed by
-    `cu_seq_lens_q`, with one SDPA call per distinct window length instead of one per window: the
+    `cu_seq_lens_q`, with one SDPA call per distinct segment length instead of one per segment: the
     default made 51,492 calls per forward for a 200-frame conversation (ENVIRONMENT.md). transformers
-    hands cu_seqlens to an attention function whose name contains "flash". q, k, v: (1, heads, S, dim);
-    returns (1, S, heads, dim), equal to the per-window loop."""
-    cu = cu_seq_lens_q.tolist()
+    hands cu_seqlens to an attention function whose name contains "flash". The layout comes from
+    `attention_plans` (vision_inputs: made on the host, keyed by the number of segments, which a layer
+    knows without reading the device) or else from one read of the lengths, kept on the tensor for the
+    other layers. q, k, v: (1, heads, S, dim); returns (1, S, heads, dim), equal to the per-window loop."""
+    plan = (attention_plans or {}).get(cu_seq_lens_q.shape[0] - 1) or getattr(cu_seq_lens_q, "plan", None)
+    if plan is None:
+        plan = cu_seq_lens_q.plan = attention_plan(cu_seq_lens_q.diff().tolist(), q.device)
+    order, inverse, groups = plan
     _, H, S, D = q.shape
-    starts = {}
-    for a, b in zip(cu[:-1], cu[1:]):
-        starts.setdefault(b - a, []).append(a)
-    if len(starts) == 1:  # equal windows lie back to back: a view, no copy
-        (L, s), = starts.items()
-        f = lambda t: t[0].reshape(H, len(s), L, D).transpose(0, 1)
-        o = F.scaled_dot_product_attention(f(q), f(k), f(v), scale=scaling)
-        return o.permute(0, 2, 1, 3).reshape(1, S, H, D), None
+    if order is not None:
+        q, k, v = (t[:, :, order] for t in (q, k, v))
     out = q.new_empty(S, H, D)
-    for L, s in starts.items():
-        idx = (torch.tensor(s, device=q.device)[:, None] + torch.arange(L, device=q.device)).flatten()
-        f = lambda t: t[0][:, idx].reshape(H, len(s), L, D).transpose(0, 1)
+    for a, n, L in groups:  # equal segments lie back to back: views, no copy
+        f = lambda t: t[0, :, a:a + n * L].reshape(H, n, L, D).transpose(0, 1)
         o = F.scaled_dot_product_attention(f(q), f(k), f(v), scale=scaling)
-        out[idx] = o.permute(0, 2, 1, 3).reshape(-1, H, D)
-    return out[None], None
+        out[a:a + n * L].view(n, L, H, D).copy_(o.transpose(1, 2))
+    return (out if order is None else out[inverse])[None], None
+
+
+def attention_plan(lengths, device, order=None):
+    """(order, inverse, groups): how window_attention runs segments of `lengths` tokens lying back to
+    back (after the token permutation `order`, if given): sorted by length, longest first, so equal ones
+    lie together; `order` the permutation that does it and `inverse` its undoing (None when nothing
+    moves), `groups` (start, count, length) in that layout."""
+    starts = [0, *itertools.accumulate(lengths)][:-1]
+    by = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
+    if by != sorted(by):
+        perm = torch.cat([torch.arange(starts[i], starts[i] + lengths[i]) for i in by])
+        order = perm if order is None else order[perm]
+    groups, a = [], 0
+    for L, run in itertools.groupby(lengths[i] for i in by):
+        n = len(list(run))
+        groups.append((a, n, L))
+        a += n * L
+    if order is None:
+        return None, None, groups
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return order.to(device), inverse.to(device), groups
+
+
+def vision_inputs(model, grid, device):
+    """What the vision tower derives from image_grid_thw `grid` (a host tensor), computed on the host (see
+    _vision_inputs), kept for the grids seen last: a stream's turns, a batch's micro-batches repeat them."""
+    return _vision_inputs(unwrap(model).model.visual, tuple(map(tuple, grid.tolist())), str(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _vision_inputs(visual, grid, device):
+    """What the vision tower derives from image_grid_thw `grid`, computed here on the host with
+    transformers' own functions, as keyword arguments of the model's forward (transformers
+    strips the image_ prefix, accepts_precomputed_kwargs; FSDP and DDP carry them to the device). On the
+    device they cost ~10 host syncs and hundreds of small kernels per forward, and model.window_attention
+    read the window lengths in every layer (issue 19). Qwen2.5-VL's windows are put in order of length,
+    so equal windows lie together in every windowed layer; its 4 full-attention layers gather the frames."""
+    from transformers import vision_utils as V
+    grid = torch.tensor(grid)
+    merge, unit = visual.spatial_merge_size, visual.spatial_merge_size ** 2
+    cu = V.get_vision_cu_seqlens(grid)
+    frames = cu.diff()
+    out = {"position_ids": V.get_vision_position_ids(grid, merge), "cu_seqlens": cu, "max_seqlen": int(frames.max())}
+    plans, order = {}, None
+    if hasattr(visual, "window_size"):
+        index, cu_w = V.get_vision_window_index(grid, merge, visual.window_size, visual.patch_size)
+        sizes = (cu_w.diff() // unit).tolist()
+        runs = sorted(zip(torch.split(index, sizes), sizes), key=lambda r: -r[1])
+        index, windows = torch.cat([r for r, _ in runs]), torch.tensor([n for _, n in runs]) * unit
+        out.update(window_index=index, cu_window_seqlens=F.pad(windows.cumsum(0), (1, 0)).int(),
+                   max_window_seqlen=int(windows.max()))
+        if len(frames) not in (1, len(windows)):  # (a frame that is one window: the window plan serves both)
+            frame_of = torch.repeat_interleave(torch.arange(len(frames)), frames // unit)[index]
+            order = (torch.argsort(frame_of, stable=True)[:, None] * unit + torch.arange(unit)).flatten()
+        plans[len(windows)] = attention_plan(windows.tolist(), device)
+    else:
+        out["interp_indices"], out["interp_weights"] = V.get_vision_interpolation_indices_and_weights(
+            grid, visual.num_grid_per_side, visual.interpolation_mode, visual.interpolation_align_corners, merge)
+    if len(frames) not in plans:
+        plans[len(frames)] = attention_plan(frames.tolist(), device, order)
+    out = {"image_" + k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+    out["image_attention_plans"] = plans
+    return out
+
+
+def rope_positions(model, input_ids, mm_token_type_ids, image_grid_thw, attention_mask):
+    """The LM's mrope position ids (3, B, L) of a right-padded batch, computed on the host by the model's
+    own function: on the device it costs ~4 .item() calls and ~15 kernels per image (806 host syncs
+    in a 201-frame SFT step, issue 19). Padding positions are 0, as the model sets them."""
+    return unwrap(model).model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                              attention_mask=attention_mask)[0]
 
 
 AttentionInterface.register("flash_windows", window_attention)
@@ -160,7 +234,8 @@ def logits_at(model, keep):
     (29k x 152k in fp32 at 3B) were the first out-of-memory on a GPU. A forward pre-hook on lm_head
     selects its input rows, inside the wrapped forward (DDP, FSDP2 and checkpointing see one ordinary
     forward); transformers' own 2-D `logits_to_keep` exists only from 5.23, and vLLM needs < 5.21."""
-    handle = unwrap(model).lm_head.register_forward_pre_hook(lambda m, a: (a[0][keep.to(a[0].device)][None],))
+    rows = keep.reshape(-1).nonzero()[:, 0]  # on the host when `keep` is: a boolean index on the device is a sync
+    handle = unwrap(model).lm_head.register_forward_pre_hook(lambda m, a: (a[0].flatten(0, 1)[rows.to(a[0].device)][None],))
     try:
         yield
     finally:
@@ -338,6 +413,13 @@ def open_log(out, step):
         f.writelines(keep)
     os.replace(path + ".tmp", path)
     return open(path, "a")
+
+
+def load_trainer_state(ckpt):
+    """trainer_state.pt of a checkpoint, memory-mapped: set_optimizer_state reads each rank's shard of the
+    full optimizer state from the file's pages, so no rank holds the whole of it (about 30 GB at 3B; every
+    rank loaded all of it before, issue 19)."""
+    return torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False, mmap=True)
 
 
 def set_optimizer_state(model, optimizer, state):
@@ -520,10 +602,17 @@ if __name__ == "__main__":
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tiny", choices=["qwen2_5_vl", "qwen3_vl"])
     g.add_argument("--random", choices=list(REAL), help="the real architecture with random weights")
+    g.add_argument("--estimate", choices=list(REAL), help="GPU memory, FLOPs, kernels and syncs of an SFT step and a streamed turn (costs.py)")
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames_per_turn", type=int, default=2, choices=[1, 2], help="--tiny: 2 (the CPU default) or 1 (vLLM)")
+    p.add_argument("--frames", type=int, default=200, help="--estimate: one-frame turns in the conversation")
+    p.add_argument("--size", type=int, default=448, help="--estimate: frame side in pixels, before the processor's resize")
+    p.add_argument("--world", type=int, default=1, help="--estimate: GPUs under FSDP")
     a = p.parse_args(cli_args())
+    if a.estimate:
+        import costs
+        raise SystemExit(costs.estimate(a.estimate, a.frames, a.size, a.world))
     if a.random:
         torch.manual_seed(a.seed)
         out = build_random(a.random, a.out or f"out/random-{a.random}")

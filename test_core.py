@@ -1904,3 +1904,95 @@ def test_kill_9_then_resume_gives_the_same_weights(tiny, trained, synth, tmp_pat
     kill_and_resume("grpo.py", common + ["--eval_samples", "4"], str(tmp_path / "grpo-c"), 0, env)
     steps = [json.loads(l)["step"] for l in open(tmp_path / "grpo-c" / "log.jsonl")]
     assert steps == [0] + list(range(1, 5)), steps
+
+
+# -----------------------------------------------------------------------------
+# The GPU step of the real architectures, measured on a CPU (costs.py): budgets for host syncs, kernels and
+# memory. Before issue 19 (measured with ../shared/gpu/sim): an SFT step of 201 frames had 811 host syncs
+# and 13,178 kernels, a silent streamed turn 43 syncs and 3,684 kernels.
+
+import costs  # noqa: E402
+
+
+@pytest.mark.slow
+def test_sft_step_of_3b_at_201_frames_keeps_its_budgets():
+    """201 frames of 448 px (29,138 tokens), bf16 parameters, no FSDP, LM checkpointed, ViT frozen, fused AdamW.
+    The mrope positions and the ViT's indices come from the host: the syncs left are the loss's boolean
+    indexing and transformers' checks. The memory holds where it was: 24.4 GiB in the first step (the
+    simulator's number before the change), 30.3 GiB in later ones, whose forward and backward run beside
+    the AdamW states."""
+    model, fmt = costs.build("qwen2.5-vl-3b", 448)
+    meter, first, item = costs.sft_step(model, fmt, 201)
+    assert len(item["input_ids"]) == 29138
+    assert sum(meter.syncs.values()) <= 20, meter.syncs
+    assert meter.kernels <= 11000, meter.kernels
+    assert first <= 25 * costs.GIB and meter.peak <= 31 * costs.GIB, (first / costs.GIB, meter.peak / costs.GIB)
+    assert meter.sdpa["math"] == 0, meter.sdpa  # no attention holds its T x T scores
+
+
+@pytest.mark.parametrize("name, syncs", [("qwen2.5-vl-3b", 4), ("qwen3-vl-4b", 10)])
+def test_silent_streamed_turn_keeps_its_budgets(name, syncs):
+    """A silent turn of infer.Streams (one 448-px frame, ~140 tokens) costs the same whatever the context:
+    few host syncs (the decision's read-back, the image split and transformers' placeholder check; Qwen3-VL
+    adds 6 for its deepstack's boolean indexing inside transformers), at most 3,200 kernels."""
+    model, fmt = costs.build(name, 448)
+    meter, S = costs.streamed_turn(model, fmt, turns=3)
+    assert sum(meter.syncs.values()) <= syncs, meter.syncs
+    assert meter.kernels <= 3200, meter.kernels
+    assert meter.sdpa["math"] == 0, meter.sdpa
+
+
+@pytest.mark.slow
+def test_rollout_rebuild_at_the_presets_window_allocates_nothing_quadratic():
+    """GRPO's HF rollout reaches its first window rebuild at turn 251 (--window 200 --chunk 50), its rows
+    ~29k tokens each. Rows padded to one length made transformers build a dense (n, 1, L, L) mask, 13.5 GB
+    at the preset's 16 rows; row by row nothing as large as one row's L x L bytes is allocated."""
+    model, fmt = costs.build("qwen2.5-vl-3b", 448)
+    meter, L = costs.rebuild(model, fmt, rows=16)
+    assert L > 29000
+    assert meter.biggest < L * L, (meter.biggest, L * L)
+
+
+@pytest.mark.parametrize("name", list(M.REAL))
+def test_vit_attention_calls_stay_flat_in_the_number_of_frames(name):
+    """The vision tower of the real architectures makes as many SDPA calls for 200 frames as for 20."""
+    model, fmt = costs.build(name, 448)
+    calls = []
+    for n in (20, 200):
+        pv, grid, _ = fmt.images(np.zeros((n, 1, 8, 8, 3), np.uint8))
+        meter = costs.Meter()
+        with costs.simulated_gpu(meter), torch.no_grad():
+            model.model.get_image_features(pv, grid.to("meta"), **M.vision_inputs(model, grid, "meta"))
+        calls.append(sum(meter.sdpa.values()))
+    assert calls[0] == calls[1] <= 3 * model.config.vision_config.depth, calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_host_positions_equal_the_models_own_in_a_padded_batch(tiny, synth, family):
+    """sft.supervised_logits and grpo.token_logp pass mrope positions computed on the host (and the ViT's
+    indices): the logits equal a forward that lets the model compute them, in a right-padded batch."""
+    from contextlib import nullcontext
+    model, processor, fmt, out = encoded(tiny, family, synth, n=2)
+    model.eval()
+    items = [x for _, _, x in out]
+    if len(items[0]["input_ids"]) == len(items[1]["input_ids"]):  # (the end of the last turn: text, no image)
+        items[1] = {**items[1], **{k: items[1][k][:-3] for k in ("input_ids", "labels", "classes", "mm_token_type_ids")}}
+    b = data.collate(items, fmt.tok.pad_token_id)
+    assert (b["attention_mask"] == 0).any()
+    with torch.no_grad():
+        got, _, keep = sft.supervised_logits(model, b, "cpu", nullcontext())
+        ref = model(**data.model_inputs(b)).logits[keep]
+        pos = M.rope_positions(model, b["input_ids"], b["mm_token_type_ids"], b["image_grid_thw"], b["attention_mask"])
+        own = model.model.compute_3d_position_ids(input_ids=b["input_ids"], inputs_embeds=None, image_grid_thw=b["image_grid_thw"],
+                                                  video_grid_thw=None, attention_mask=b["attention_mask"], past_key_values=None,
+                                                  mm_token_type_ids=b["mm_token_type_ids"])
+    assert torch.equal(pos, own)
+    assert torch.allclose(got, ref, atol=1e-5)
+    # made per conversation in the training loop's prefetch thread, padded by data.collate: the same positions
+    assert torch.equal(data.collate(sft.with_positions(model, items), fmt.tok.pad_token_id)["position_ids"], own)
+
+
+def test_estimate_prints_allocated_memory_flops_kernels_and_syncs():
+    out = run_py("model.py", "--estimate", "qwen2.5-vl-3b", "--frames", "6", "--world", "4")
+    assert "ALLOCATED" in out and "lower bound" in out and "FSDP over 4 GPUs" in out, out
+    assert re.search(r"SFT step: peak [0-9.]+ GiB", out) and re.search(r"[0-9,]+ kernels, \d+ host syncs", out), out
