@@ -15,7 +15,6 @@ with one): a CPU build would take the math path, which holds the (heads x T x T)
 from the device is counted; tensors made from host values (ids, masks, grids) keep them, so the
 answer is the GPU's; one that depends on weights is answered with ones.
 """
-import argparse
 import collections
 import contextlib
 import functools
@@ -338,12 +337,3 @@ def estimate(name, frames, size, world=1):
     print(f"  streamed turn (silent, one stream, KV cache of {L} tokens, whole model on one GPU): peak {meter.peak / GIB:.2f} GiB "
           f"allocated; {tflop:.2f} TFLOP; {meter.kernels:,} kernels, {sum(meter.syncs.values())} host syncs (the decision's read-back included)")
 
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--estimate", required=True, choices=list(M.REAL))  # (python model.py --estimate ... is the same)
-    p.add_argument("--frames", type=int, default=200)
-    p.add_argument("--size", type=int, default=448)
-    p.add_argument("--world", type=int, default=1)
-    a = p.parse_args(data.cli_args())
-    estimate(a.estimate, a.frames, a.size, a.world)

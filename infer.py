@@ -65,7 +65,7 @@ class Streams:
         self.segments = [[{"prefix": list(self.system), "images": [], "turns": []}] for _ in range(n)]
         self.cur = [None] * n
         self.rebuilds, self.latency = 0, []  # latency: seconds of each turn (run_streams)
-        self.k, self.start = 0, 0  # the turn observed next; the first turn the window keeps (data.window_start)
+        self.k = 0  # the turn observed next (data.window_start)
 
     @torch.no_grad()
     def _forward(self, chunks, images=None):
@@ -142,10 +142,9 @@ class Streams:
         """inputs: per row (frame uint8 HxWx3, marker, question or None), or None for a row with no
         turn now. Feeds the previous turn's pending tokens and this user turn; returns the logits of
         each row's first assistant token."""
-        start = data.window_start(self.k, self.window, self.chunk)  # the one schedule of both backends
-        if start > self.start:
+        cut = lambda k: data.window_start(k, self.window, self.chunk)  # the one schedule of both backends
+        if self.k and cut(self.k) > cut(self.k - 1):
             self._rebuild()
-            self.start = start
         self.k += 1
         chunks, images = [], []
         for b, x in enumerate(inputs):
@@ -359,7 +358,10 @@ def predict_file(args):
     elif todo:
         model, processor = load_model(args, device)
         fmt = data.ChatFormat(processor, M.frames_per_turn(model))
-        hf = lambda batch: (lambda outs, S: (outs, S.latency))(*run_streams(model, fmt, batch, args))
+
+        def hf(batch):
+            outs, S = run_streams(model, fmt, batch, args)
+            return outs, S.latency
         run_batches(hf, fmt, todo, args, shard, rank)
     if ddp:
         dist.barrier()

@@ -612,7 +612,8 @@ if __name__ == "__main__":
     a = p.parse_args(cli_args())
     if a.estimate:
         import costs
-        raise SystemExit(costs.estimate(a.estimate, a.frames, a.size, a.world))
+        costs.estimate(a.estimate, a.frames, a.size, a.world)
+        raise SystemExit
     if a.random:
         torch.manual_seed(a.seed)
         out = build_random(a.random, a.out or f"out/random-{a.random}")
