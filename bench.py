@@ -1,13 +1,11 @@
 """
 Score streaming predictions with StreamPro-F1 (SPEC section 3) and print the paper's table.
 
-    python data.py --make_synthetic                    # first: writes data/synthetic/ (the default --ann)
+    python synthetic.py                                # first: writes data/synthetic/ (the default --ann)
     python bench.py --baseline oracle                  # model-free baselines: oracle (F1 100), silent, every-turn, random
     python bench.py --ann data/synthetic/test.jsonl --preds out/preds.jsonl
     python bench.py --preds out/preds.jsonl --judge http --judge_url http://localhost:8000/v1 --judge_model NAME
     python bench.py --preds out/preds.jsonl --show v12_q0          # one sample as a text timeline
-    python bench.py --from_ovo ovo_bench_new.json --out data/ovo/far.jsonl
-    python bench.py --from_streamingbench questions_proactive.json --out data/sb/proactive.jsonl   # formats.py
     python bench.py --ann data/sb/proactive.jsonl --baseline oracle --rule streamingbench  # + its own rule
     python bench.py --time_scoring 10000               # how fast the metric is with the offline judge
     python bench.py --model out/sft-cb                 # stream a checkpoint over --ann (infer.py, resumable), then score
@@ -17,17 +15,6 @@ Predictions are JSONL, one {"id": ..., "responses": [{"time": seconds, "text": "
 decision token stripped; a sample missing from the file counts as silent. Results go to PREDS.results.json.
 The default judge is offline (normalised slot match for structured answers, word overlap for free text):
 it is NOT the paper's LLM judge; use --judge http for numbers comparable with the paper.
-
-OVO-Bench Forward Active Responding -> our annotation schema (ours). Task names stay REC / SSR / CRR, so
-they get the default window ([t-3, t+3] around the answer's end, tau 4) and fall in no SPB dimension, as
-the paper reports OVO FAR apart from SPB; our SFT labels answer an interval at its end, which is what the
-default window rewards. query_time 0 for REC and SSR (OVO asks at many times; we ask once, at the start).
-  REC  one instant answer per repetition, at its end time, with the running count: text "2",
-       slots {"count": 2}, so the offline judge matches the number exactly.
-  SSR  one interval answer [start, end] per step, the step's text (free text: the offline judge uses
-       word overlap).
-  CRR  the question at ask_time, one instant answer (OVO's answer) at clue_time.
-Videos keep OVO's relative paths (e.g. COIN/x.mp4), resolved beside the written annotation file.
 """
 import argparse
 import collections
@@ -293,55 +280,6 @@ def timeline(sample, responses, row):
 
 
 # -----------------------------------------------------------------------------
-# OVO-Bench Forward Active Responding converter (mapping in the module docstring)
-
-
-def ovo_to_annotations(items):
-    out = []
-    for it in items:
-        task = it.get("task")
-        if task not in ("REC", "SSR", "CRR"):
-            continue
-        try:
-            if task == "REC":
-                q = (f"Count how many times this action happens: {it['activity']}. Each time it is completed, "
-                     "tell me the count so far.")
-                answers = [{"time": float(e), "text": str(k + 1), "slots": {"count": k + 1}}
-                           for k, e in enumerate(sorted(it["end_times"]))]
-                qt = 0.0
-            elif task == "SSR":
-                words = "".join(" " + c.lower() if c.isupper() else c for c in it["tutorial"]).strip()
-                q = f"I am doing this task: {words}. Each time I finish a step, tell me which step it was."
-                if not len(it["all_steps"]) == len(it["start_time"]) == len(it["end_time"]):
-                    raise ValueError("all_steps, start_time and end_time differ in length")
-                answers = [{"start": float(a), "end": float(b), "text": step}
-                           for step, a, b in zip(it["all_steps"], it["start_time"], it["end_time"])]
-                qt = 0.0
-            else:
-                q, qt = it["question"], float(it["ask_time"])
-                answers = [{"time": float(it["clue_time"]), "text": it["answer"]}]
-        except (KeyError, TypeError, ValueError) as e:
-            raise BenchError(f"OVO item id {it.get('id')} ({task}): {type(e).__name__}: {e}") from None
-        out.append({"id": f"ovo_{task}_{it['id']}", "video": it["video"], "task": task, "question": q,
-                    "query_time": qt, "answers": answers})
-    return out
-
-
-def from_ovo(src, dst):
-    with open(src, encoding="utf-8") as f:
-        items = json.load(f)
-    anns = ovo_to_annotations(items)
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    with open(dst, "w", encoding="utf-8") as f:
-        for a in anns:
-            f.write(json.dumps(a) + "\n")
-    load_annotations(dst, check_videos=False)  # the written file must pass our own validation
-    counts = collections.Counter(a["task"] for a in anns)
-    print(f"{dst}: " + ", ".join(f"{t} {counts[t]}" for t in ("REC", "SSR", "CRR")) + f" ({len(anns)} samples)")
-    return counts
-
-
-# -----------------------------------------------------------------------------
 # Speed check: random samples in memory, offline judge
 
 
@@ -385,17 +323,16 @@ def time_scoring(n, seed=0):
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
+def get_args(argv=None):
     ap = argparse.ArgumentParser(description="StreamPro-F1 benchmark (SPEC section 3).",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     # what to score
-    ap.add_argument("--ann", help=f"annotation JSONL (default {DEFAULT_ANN}: run `python data.py --make_synthetic` first)")
+    ap.add_argument("--ann", help=f"annotation JSONL (default {DEFAULT_ANN}: run `python synthetic.py` first)")
     ap.add_argument("--preds", help='predictions JSONL: {"id", "responses": [{"time", "text"}]} per line')
     ap.add_argument("--baseline", choices=["oracle", "silent", "every-turn", "random"], help="model-free predictions")
     ap.add_argument("--p", type=float, default=0.1, help="random baseline: response probability per turn")
     ap.add_argument("--seed", type=int, default=0, help="random baseline / --time_scoring seed")
-    ap.add_argument("--out", help="baseline: its predictions file (default out/bench/<ann>.<baseline>.preds.jsonl); "
-                                  "--from_ovo: the annotation file to write")
+    ap.add_argument("--out", help="baseline: its predictions file (default out/bench/<ann>.<baseline>.preds.jsonl)")
     ap.add_argument("--model", help="checkpoint to stream over --ann first (infer.py; predictions beside it, resumable)")
     ap.add_argument("--threshold", type=float, default=None, help="--model: respond when p(</Response>) >= this")
     ap.add_argument("--streams", type=int, default=8, help="--model: streams decoded together")
@@ -413,57 +350,67 @@ def main(argv=None):
     ap.add_argument("--judge_concurrency", type=int, default=8)
     # tools
     ap.add_argument("--show", metavar="ID", help="print one sample as a timeline instead of the table")
-    ap.add_argument("--from_ovo", metavar="OVO.json", help="convert OVO-Bench FAR items (REC/SSR/CRR) to --out")
-    ap.add_argument("--from_streamingbench", metavar="SB.json", help="convert StreamingBench's questions_proactive.json "
-                    "to --out (formats.py)")
-    ap.add_argument("--video_root", help="--from_streamingbench: the folder its video_path values are relative to")
     ap.add_argument("--rule", choices=["f1", "streamingbench"], default="f1", help="streamingbench: also score with "
                     "StreamingBench's proactive rule (time and answer accuracy, formats.streamingbench_rule)")
     ap.add_argument("--time_scoring", type=int, metavar="N", help="time the metric on N random samples")
-    args = ap.parse_args(cli_args(argv))
+    return ap.parse_args(cli_args(argv))
 
+
+def predictions(args, ann, samples):
+    """The predictions file to score: a baseline's, the one given, or a checkpoint streamed over `ann`
+    (infer.py; after --calibrate has picked its threshold on a validation split)."""
+    if args.baseline:
+        stem = os.path.splitext(os.path.basename(ann))[0]
+        path = args.out or os.path.join("out", "bench", f"{stem}.{args.baseline}.preds.jsonl")
+        write_preds(path, baseline_preds(samples, args.baseline, args.p, args.seed))
+        return path
+    if args.preds and not args.model:
+        return args.preds
+    model = args.model or next((m for m in DEFAULT_MODELS if os.path.isfile(os.path.join(m, "config.json"))), None)
+    if model is None:
+        raise BenchError("no checkpoint to benchmark: run `python sft.py` (then `python grpo.py`) first, "
+                         "or give --model CKPT, --preds PREDS.jsonl or --baseline NAME")
+    import infer
+    common = ["--model", model, "--streams", str(args.streams), "--states", str(args.states)]
+    if args.calibrate:
+        val_preds = os.path.join(model, f"preds-{os.path.splitext(os.path.basename(args.calibrate))[0]}.jsonl")
+        infer.predict_file(infer.get_args(common + ["--ann", args.calibrate, "--out", val_preds]))
+        args.threshold = round(best_threshold(*decision_scores(load_annotations(args.calibrate, check_videos=False), val_preds)), 4)
+        print(f"threshold {args.threshold:g}: the best turn-level F1 of p(</Response>) >= threshold on {args.calibrate}")
+    stem = os.path.splitext(os.path.basename(ann))[0] + ("" if args.threshold is None else f"-t{args.threshold:g}")
+    path = args.preds or os.path.join(model, f"preds-{stem}.jsonl")
+    iargs = common + ["--ann", ann, "--out", path]
+    infer.predict_file(infer.get_args(iargs + (["--threshold", str(args.threshold)] if args.threshold is not None else [])))
+    return path
+
+
+def score(samples, preds, preds_path, judge):
+    """Per-sample rows and the summary: the paper's table, the ROC-AUC of p(</Response>) over turns, per level."""
+    rows, summary = evaluate(samples, preds, judge)
+    scores, labels = decision_scores(samples, preds_path)
+    summary["auc"] = roc_auc(scores, labels) if scores else None
+    summary["levels"] = by_level(samples, rows)
+    auc_of = lambda ss: (lambda v: None if np.isnan(v) else v)(roc_auc(*decision_scores(ss, preds_path)))  # null, not NaN, in JSON
+    for lv, m in summary["levels"].items():  # each level's own ROC-AUC, and the levels the CPU default trains on (0-1)
+        m["auc"] = auc_of([s for s in samples if s.get("level") == lv])
+    if summary["levels"]:
+        summary["auc_levels_01"] = auc_of([s for s in samples if s.get("level") in (0, 1)])
+    return rows, summary
+
+
+def main(argv=None):
+    args = get_args(argv)
     if args.time_scoring:
         return time_scoring(args.time_scoring, args.seed)
     if args.table:
         text = results_table(args.table, os.path.splitext(os.path.basename(args.ann or DEFAULT_ANN))[0])
         print(text)
         return text
-    if args.from_ovo:
-        if not args.out:
-            raise BenchError("--from_ovo needs --out ANN.jsonl")
-        return from_ovo(args.from_ovo, args.out)
-    if args.from_streamingbench:
-        if not args.out:
-            raise BenchError("--from_streamingbench needs --out ANN.jsonl")
-        return formats.from_streamingbench(args.from_streamingbench, args.out, args.video_root)
     ann = args.ann or DEFAULT_ANN
     if not os.path.isfile(ann) and not args.ann:
-        raise BenchError(f"{ann} not found: run `python data.py --make_synthetic` first, or pass --ann")
+        raise BenchError(f"{ann} not found: run `python synthetic.py` first, or pass --ann")
     samples = load_annotations(ann, check_videos=False)
-
-    # where the predictions come from
-    if args.baseline:
-        stem = os.path.splitext(os.path.basename(ann))[0]
-        preds_path = args.out or os.path.join("out", "bench", f"{stem}.{args.baseline}.preds.jsonl")
-        write_preds(preds_path, baseline_preds(samples, args.baseline, args.p, args.seed))
-    elif args.preds and not args.model:
-        preds_path = args.preds
-    else:
-        model = args.model or next((m for m in DEFAULT_MODELS if os.path.isfile(os.path.join(m, "config.json"))), None)
-        if model is None:
-            raise BenchError("no checkpoint to benchmark: run `python sft.py` (then `python grpo.py`) first, "
-                             "or give --model CKPT, --preds PREDS.jsonl or --baseline NAME")
-        import infer
-        common = ["--model", model, "--streams", str(args.streams), "--states", str(args.states)]
-        if args.calibrate:
-            val_preds = os.path.join(model, f"preds-{os.path.splitext(os.path.basename(args.calibrate))[0]}.jsonl")
-            infer.predict_file(infer.get_args(common + ["--ann", args.calibrate, "--out", val_preds]))
-            args.threshold = round(best_threshold(*decision_scores(load_annotations(args.calibrate, check_videos=False), val_preds)), 4)
-            print(f"threshold {args.threshold:g}: the best turn-level F1 of p(</Response>) >= threshold on {args.calibrate}")
-        stem = os.path.splitext(os.path.basename(ann))[0] + ("" if args.threshold is None else f"-t{args.threshold:g}")
-        preds_path = args.preds or os.path.join(model, f"preds-{stem}.jsonl")
-        iargs = common + ["--ann", ann, "--out", preds_path]
-        infer.predict_file(infer.get_args(iargs + (["--threshold", str(args.threshold)] if args.threshold is not None else [])))
+    preds_path = predictions(args, ann, samples)
     preds = load_preds(preds_path, samples)
     judge = make_judge(args, samples)
 
@@ -476,15 +423,7 @@ def main(argv=None):
         print(text)
         return text
 
-    rows, summary = evaluate(samples, preds, judge)
-    scores, labels = decision_scores(samples, preds_path)
-    summary["auc"] = roc_auc(scores, labels) if scores else None
-    summary["levels"] = by_level(samples, rows)
-    auc_of = lambda ss: (lambda v: None if np.isnan(v) else v)(roc_auc(*decision_scores(ss, preds_path)))  # null, not NaN, in JSON
-    for lv, m in summary["levels"].items():  # each level's own ROC-AUC, and the levels the CPU default trains on (0-1)
-        m["auc"] = auc_of([s for s in samples if s.get("level") == lv])
-    if summary["levels"]:
-        summary["auc_levels_01"] = auc_of([s for s in samples if s.get("level") in (0, 1)])
+    rows, summary = score(samples, preds, preds_path, judge)
     missing = sum(s["id"] not in preds for s in samples)
     judge_name = "offline (slot match / word overlap, not the paper's LLM judge)" if args.judge == "offline" \
         else f"http {args.judge_model} at {args.judge_url}"

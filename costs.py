@@ -4,10 +4,10 @@ the model runs on PyTorch's meta device (shapes, dtypes and sizes only: no weigh
 compiled code) under a dispatch mode that counts what a GPU would do: kernels launched, host syncs
 (a value read back: .item(), .tolist(), bool(tensor)), SDPA calls, and the allocated memory (live
 storages, rounded to 512 B as the CUDA caching allocator counts them). The test suite holds the
-budgets (test_core.py, last section); model.py --estimate prints them for a user:
+budgets (test_core.py, last section); its command line prints them for a user:
 
-    python model.py --estimate qwen2.5-vl-3b --frames 200 --size 448
-    python model.py --estimate qwen3-vl-4b --frames 200 --size 448 --world 8
+    python costs.py qwen2.5-vl-3b --frames 200 --size 448
+    python costs.py qwen3-vl-4b --frames 200 --size 448 --world 8
 
 The memory is 'allocated': a lower bound of what nvidia-smi shows (no CUDA context, no allocator cache,
 no kernel workspaces). SDPA is routed as an H100/H200 routes it (flash without a mask, memory-efficient
@@ -15,6 +15,7 @@ with one): a CPU build would take the math path, which holds the (heads x T x T)
 from the device is counted; tensors made from host values (ids, masks, grids) keep them, so the
 answer is the GPU's; one that depends on weights is answered with ones.
 """
+import argparse
 import collections
 import contextlib
 import functools
@@ -337,3 +338,12 @@ def estimate(name, frames, size, world=1):
     print(f"  streamed turn (silent, one stream, KV cache of {L} tokens, whole model on one GPU): peak {meter.peak / GIB:.2f} GiB "
           f"allocated; {tflop:.2f} TFLOP; {meter.kernels:,} kernels, {sum(meter.syncs.values())} host syncs (the decision's read-back included)")
 
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=list(M.REAL), help="the released architecture (model.REAL), with no weights")
+    p.add_argument("--frames", type=int, default=200, help="one-frame turns in the conversation")
+    p.add_argument("--size", type=int, default=448, help="frame side in pixels, before the processor's resize")
+    p.add_argument("--world", type=int, default=1, help="GPUs under FSDP")
+    a = p.parse_args(data.cli_args())
+    estimate(a.name, a.frames, a.size, a.world)

@@ -3,15 +3,16 @@ The streaming turn format: annotations, video decoding, turns and labels, tokeni
 sft.py, grpo.py, infer.py and bench.py all build their conversations here, so the format has one
 definition (SPEC section 1).
 
-    python data.py --make_synthetic          # generate the synthetic benchmark (synthetic.py)
-    python data.py --show 1                  # one tokenised training conversation, coloured
-    python data.py --show 1 --states 3 --split val --model out/tiny-qwen2_5_vl
-    python data.py --from_streamo stream_format.json --out data/streamo/train.jsonl --video_root DIR   # formats.py
+It is the bottom of the repo: it imports nothing of ours. Its command lines live with what they need:
+
+    python synthetic.py                      # generate the synthetic benchmark into data/synthetic
+    python model.py --show 1                 # one tokenised training conversation, coloured (show, below)
+    python formats.py --from_streamo stream_format.json --out data/streamo/train.jsonl --video_root DIR
 """
-import argparse
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -461,7 +462,6 @@ def model_inputs(batch):
 def show(enc, tok, colour=None):
     """Print an encoded conversation one turn per line: images collapsed to [img x N], decision
     tokens highlighted, supervised tokens marked (colours on a terminal, brackets otherwise)."""
-    import sys
     colour = sys.stdout.isatty() if colour is None else colour
     ids, labels, classes = enc["input_ids"].tolist(), enc["labels"].tolist(), enc["classes"].tolist()
     paint = {C_SILENCE: "\033[90;1m", C_STANDBY: "\033[33;1m", C_RESPONSE: "\033[32;1m", C_TEXT: "\033[42;30m"}
@@ -498,7 +498,6 @@ def cli_args(argv=None):
     """Command-line words with every long flag in its documented spelling, underscores: --max_new, and
     also --max-new as an alias (one convention for every script; a flag copied from another script or
     an older README still works)."""
-    import sys
     argv = sys.argv[1:] if argv is None else argv
     fix = lambda w: "--" + w[2:].split("=", 1)[0].replace("-", "_") + ("=" + w.split("=", 1)[1] if "=" in w else "")
     return [fix(w) if w.startswith("--") and len(w) > 2 else w for w in argv]
@@ -519,58 +518,4 @@ def json_line(rec):
     return json.dumps({k: None if isinstance(v, float) and v != v else v for k, v in rec.items()}) + "\n"
 
 
-DEFAULT_DATA = "data/synthetic"
-
-
-def ensure_synthetic(root=DEFAULT_DATA):
-    """The default data: generated on first use (about half a minute on 2 cores)."""
-    if not os.path.isfile(os.path.join(root, "test.jsonl")):
-        from synthetic import generate
-        print(f"generating the synthetic benchmark into {root} ...")
-        generate(root)
-    return root
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--make_synthetic", action="store_true", help="generate the synthetic benchmark (see synthetic.py for sizes)")
-    p.add_argument("--show", type=int, default=None, metavar="N", help="print the N-th conversation of --split")
-    p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--split", default="train")
-    p.add_argument("--states", type=int, default=2, choices=[2, 3])
-    p.add_argument("--fps", type=float, default=1.0)
-    p.add_argument("--model", default=None, help="tokenizer/processor to use (default: the tiny Qwen2.5-VL, built if missing)")
-    p.add_argument("--from_streamo", metavar="FILE", help="convert Streamo-Instruct (raw or stream format) to --out (formats.py)")
-    p.add_argument("--out", help="--from_streamo: the annotation JSONL to write")
-    p.add_argument("--video_root", help="--from_streamo: the folder Streamo's video paths are relative to; samples "
-                   "whose video is not there are skipped and counted")
-    a = p.parse_args(cli_args())
-    if a.from_streamo:
-        import formats
-        if not a.out:
-            p.error("--from_streamo needs --out ANN.jsonl")
-        try:
-            formats.from_streamo(a.from_streamo, a.out, a.video_root)
-        except (formats.FormatError, OSError) as e:
-            raise SystemExit(f"error: {e}")
-    if a.make_synthetic:
-        import time
-        t0 = time.time()
-        from synthetic import generate
-        rows = generate(a.data)
-        print(f"wrote {len(rows)} samples to {a.data} in {time.time() - t0:.1f} s")
-    if a.show is not None:
-        import model as M
-        ensure_synthetic(a.data)
-        samples = load_annotations(os.path.join(a.data, f"{a.split}.jsonl"))
-        s = samples[a.show]
-        path = a.model or M.ensure_tiny()
-        processor = M.Processor.from_pretrained(path)
-        M.add_decision_tokens(None, processor.tokenizer)
-        fmt = ChatFormat(processor, M.frames_per_turn(path))
-        frames, _ = fmt.video(s["video_path"], a.fps, s["duration"])
-        print(f"{s['id']}  task {s['task']}  level {s.get('level')}  query_time {s['query_time']}  duration {s['duration']}")
-        for ans in s["answers"]:
-            when = f"t={ans['time']}" if "time" in ans else f"[{ans['start']}, {ans['end']}]"
-            print(f"  answer {when}: {ans['text']}")
-        show(fmt.encode(build_conversation(s, len(frames), a.fps, a.states), frames), processor.tokenizer)
+DEFAULT_DATA = "data/synthetic"  # the synthetic benchmark (synthetic.ensure makes it on first use)

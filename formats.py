@@ -1,11 +1,12 @@
 """
-Real data formats in and out: Streamo-Instruct (Streamo's SFT data, raw and stream format) and
-StreamingBench's Proactive Output task, converted to our annotation schema (SPEC section 1), and
-StreamingBench's own scoring rule.
+Real data formats in and out: Streamo-Instruct (Streamo's SFT data, raw and stream format), OVO-Bench's
+Forward Active Responding and StreamingBench's Proactive Output task, converted to our annotation schema
+(SPEC section 1), and StreamingBench's own scoring rule.
 
-    python data.py --from_streamo raw_data.json --out data/streamo/train.jsonl --video_root /data/streamo
-    python data.py --from_streamo stream_format.json --out data/streamo/train.jsonl --video_root /data/streamo
-    python bench.py --from_streamingbench questions_proactive.json --out data/sb/proactive.jsonl --video_root /data/sb
+    python formats.py --from_streamo raw_data.json --out data/streamo/train.jsonl --video_root /data/streamo
+    python formats.py --from_streamo stream_format.json --out data/streamo/train.jsonl --video_root /data/streamo
+    python formats.py --from_ovo ovo_bench_new.json --out data/ovo/far.jsonl
+    python formats.py --from_streamingbench questions_proactive.json --out data/sb/proactive.jsonl --video_root /data/sb
     python bench.py --ann data/sb/proactive.jsonl --preds PREDS.jsonl --rule streamingbench
 
 Streamo -> ours (ours). Streamo's converter (scripts/convert_streaming_video.py, fps 1) reads every time as
@@ -29,14 +30,27 @@ at ground_truth_time_stamp, its text the ground-truth output; `clip` keeps the e
 for reference. duration = ground truth + 4 s, where its polling stops. Its model sees the video from
 time_stamp on only; ours streams from 0. Task "PO": no SPEC window is +-2 s, so it takes the default one,
 [t-3, t+3] with tau 4 (S_time 0.5 at +-2 s, 0.25 at +-3 s).
+
+OVO-Bench Forward Active Responding -> our annotation schema (ours). Task names stay REC / SSR / CRR, so
+they get the default window ([t-3, t+3] around the answer's end, tau 4) and fall in no SPB dimension, as
+the paper reports OVO FAR apart from SPB; our SFT labels answer an interval at its end, which is what the
+default window rewards. query_time 0 for REC and SSR (OVO asks at many times; we ask once, at the start).
+  REC  one instant answer per repetition, at its end time, with the running count: text "2",
+       slots {"count": 2}, so the offline judge matches the number exactly.
+  SSR  one interval answer [start, end] per step, the step's text (free text: the offline judge uses
+       word overlap).
+  CRR  the question at ask_time, one instant answer (OVO's answer) at clue_time.
+Videos keep OVO's relative paths (e.g. COIN/x.mp4), resolved beside the written annotation file.
 """
+import argparse
 import bisect
 import collections
 import json
 import os
 import re
 
-from data import RESPONSE, SILENCE, STANDBY, TASKS, answer_end, build_conversation, split_decision
+from data import (RESPONSE, SILENCE, STANDBY, TASKS, AnnotationError, answer_end, build_conversation, cli_args,
+                  load_annotations, split_decision)
 
 
 class FormatError(ValueError):
@@ -49,6 +63,17 @@ class Skip(Exception):
     def __init__(self, reason, detail=""):
         super().__init__(reason)
         self.reason, self.detail = reason, detail
+
+
+def write_annotations(dst, anns):
+    """Write converted samples to `dst` (JSONL, whole or not at all), which must pass our own validation."""
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    with open(dst + ".tmp", "w", encoding="utf-8") as f:
+        for a in anns:
+            f.write(json.dumps(a, ensure_ascii=False) + "\n")
+    os.replace(dst + ".tmp", dst)
+    load_annotations(dst, check_videos=False)
+    return anns
 
 
 # -----------------------------------------------------------------------------
@@ -295,6 +320,50 @@ def from_streamo(src, dst, video_root=None, show=3):
 
 
 # -----------------------------------------------------------------------------
+# OVO-Bench Forward Active Responding -> ours (mapping in the module docstring)
+
+
+def ovo_to_annotations(items):
+    out = []
+    for it in items:
+        task = it.get("task")
+        if task not in ("REC", "SSR", "CRR"):
+            continue
+        try:
+            if task == "REC":
+                q = (f"Count how many times this action happens: {it['activity']}. Each time it is completed, "
+                     "tell me the count so far.")
+                answers = [{"time": float(e), "text": str(k + 1), "slots": {"count": k + 1}}
+                           for k, e in enumerate(sorted(it["end_times"]))]
+                qt = 0.0
+            elif task == "SSR":
+                words = "".join(" " + c.lower() if c.isupper() else c for c in it["tutorial"]).strip()
+                q = f"I am doing this task: {words}. Each time I finish a step, tell me which step it was."
+                if not len(it["all_steps"]) == len(it["start_time"]) == len(it["end_time"]):
+                    raise ValueError("all_steps, start_time and end_time differ in length")
+                answers = [{"start": float(a), "end": float(b), "text": step}
+                           for step, a, b in zip(it["all_steps"], it["start_time"], it["end_time"])]
+                qt = 0.0
+            else:
+                q, qt = it["question"], float(it["ask_time"])
+                answers = [{"time": float(it["clue_time"]), "text": it["answer"]}]
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"OVO item id {it.get('id')} ({task}): {type(e).__name__}: {e}") from None
+        out.append({"id": f"ovo_{task}_{it['id']}", "video": it["video"], "task": task, "question": q,
+                    "query_time": qt, "answers": answers})
+    return out
+
+
+def from_ovo(src, dst):
+    with open(src, encoding="utf-8") as f:
+        items = json.load(f)
+    anns = write_annotations(dst, ovo_to_annotations(items))
+    counts = collections.Counter(a["task"] for a in anns)
+    print(f"{dst}: " + ", ".join(f"{t} {counts[t]}" for t in ("REC", "SSR", "CRR")) + f" ({len(anns)} samples)")
+    return counts
+
+
+# -----------------------------------------------------------------------------
 # StreamingBench Proactive Output -> ours, and its own scoring rule
 
 SB_TASK = "PO"  # not a StreamPro-Bench task: the default window [t-3, t+3], tau 4 (module docstring)
@@ -329,14 +398,8 @@ def streamingbench_to_annotations(items, video_root=None):
 
 
 def from_streamingbench(src, dst, video_root=None):
-    from data import load_annotations
     with open(src, encoding="utf-8") as f:
-        anns = streamingbench_to_annotations(json.load(f), video_root)  # 250 questions: small enough to load
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    with open(dst, "w", encoding="utf-8") as f:
-        for a in anns:
-            f.write(json.dumps(a, ensure_ascii=False) + "\n")
-    load_annotations(dst, check_videos=False)  # the written file must pass our own validation
+        anns = write_annotations(dst, streamingbench_to_annotations(json.load(f), video_root))  # 250 questions: small enough to load
     print(f"{dst}: {len(anns)} samples (one per question) from {src}")
     return len(anns)
 
@@ -366,3 +429,27 @@ def streamingbench_scores(samples, preds):
 def format_streamingbench(sc):
     return (f"StreamingBench rule (first reply after the question, on time within +-2 s, output as a substring): "
             f"n {sc['n']}, time accuracy {100 * sc['time_accuracy']:.1f}, answer accuracy {100 * sc['answer_accuracy']:.1f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--from_streamo", metavar="FILE", help="Streamo-Instruct, raw or stream format")
+    g.add_argument("--from_ovo", metavar="OVO.json", help="OVO-Bench FAR items (REC/SSR/CRR)")
+    g.add_argument("--from_streamingbench", metavar="SB.json", help="StreamingBench's questions_proactive.json")
+    p.add_argument("--out", required=True, help="the annotation JSONL to write")
+    p.add_argument("--video_root", help="the folder the source's video paths are relative to (Streamo: samples whose "
+                   "video is not there are skipped and counted)")
+    a = p.parse_args(cli_args(argv))
+    if a.from_streamo:
+        return from_streamo(a.from_streamo, a.out, a.video_root)
+    if a.from_ovo:
+        return from_ovo(a.from_ovo, a.out)
+    return from_streamingbench(a.from_streamingbench, a.out, a.video_root)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FormatError, AnnotationError, OSError) as e:
+        raise SystemExit(f"error: {e}")

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import random
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,7 @@ import infer
 import metric
 import model as M
 import rewards
-from sft import autocast_for, batch_indices, lr_at, print0, resume_point, set_grad_sync, wrap
+from sft import autocast_for, batch_indices, clip_and_step, lr_at, print0, restore, resume_point, rng_state, set_grad_sync, wrap
 
 PRESETS = {  # SPEC section 5 (veRL + vLLM in the paper); (ours): micro-batch, eval cadence
     "qwen2.5-vl-3b": dict(lr=1e-6, batch=16, group=8, temperature=1.0, tau=8.0, max_steps=0, epochs=1, dtype="bfloat16",
@@ -362,110 +361,51 @@ def update(dmodel, ref, seqs, spare, n_train, args, fmt, never, engine, device, 
     return sums.tolist()
 
 
-def main(args):
-    ddp, rank, world, device = M.setup_dist()
-    if args.batch % world:
-        raise SystemExit(f"--batch {args.batch} must be a multiple of the number of processes ({world})")
-    try:
-        start = M.resolve(args.model)
-    except FileNotFoundError as e:
-        raise SystemExit(f"--model: {e}: run `python sft.py` first (or pass --model)") from None
-    if rank == 0:
-        M.finish_save(args.out)
-    if ddp:
-        dist.barrier()
-    ckpt = resume_point(args)
-    model, processor = M.load(ckpt or start, device=device)
-    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+# -----------------------------------------------------------------------------
+# Setup and logging
+
+
+def datasets(args):
+    """The training videos with their rubrics, and the validation ones (--levels: only these levels)."""
     levels = [int(x) for x in args.levels.split(",")] if args.levels else None
     pick = lambda ss: [s for s in ss if levels is None or s.get("level", levels[0]) in levels]
     train = rewards.load_rubrics(args.data, pick(data.load_annotations(args.data)))
     val = pick(data.load_annotations(args.val))[: args.eval_samples] if args.val and os.path.isfile(args.val) else []  # --eval_samples 0: no eval
-    frames_of = FrameCache(fmt, args.fps, args.cache_gb)
-    judge, evaluator = make_judges(args, train + val)
+    return train, val
+
+
+def policy(model, start, args, ddp, device):
+    """The wrapped policy, the frozen reference (only with --kl: it costs a second copy of the weights),
+    AdamW and the parameters it trains."""
     ref = None
-    if args.kl > 0:  # the reference model costs a second copy of the weights: only when asked for
+    if args.kl > 0:
         ref, _ = M.load(start, device=device)
         ref.eval().requires_grad_(False)
-    max_steps = args.max_steps or math.ceil(args.epochs * len(train) / args.batch)
-    never = M.vocab_mask(model, processor.tokenizer).to(device)  # ids the policy never emits (sampling and training agree)
-    engine = VLLMRollout(start, fmt, args, rank, train, never) if args.backend == "vllm" else None
     dmodel = wrap(model, args, ddp, device)
     dmodel.train()  # (from_pretrained leaves eval mode, where gradient checkpointing is off)
     params = [p for p in dmodel.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=device.startswith("cuda"))
-    gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
-    step = restore(ckpt, dmodel, opt, gen, rank)
-    cfg = vars(args).copy()
-    print0(json.dumps(cfg))
-    print0(f"GRPO: {start} -> {args.out}, {len(train)} training videos, G={args.group}, {world} process(es), {max_steps} steps")
-    log = M.open_log(args.out, step if ckpt else -1) if rank == 0 else None  # no checkpoint: a fresh log
-    autocast = autocast_for(device, args)
-    sizes = M.flop_sizes(model)
+    return dmodel, ref, opt, params
 
-    def save():
-        states = [None] * world
-        if ddp:
-            dist.all_gather_object(states, gen.get_state())
-        else:
-            states = [gen.get_state()]
-        M.save_checkpoint(args.out, dmodel, processor, opt, {"step": step, "config": cfg, "rng": {
-            "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "sampler": states}}, rank)
 
-    def write(rec):
-        if log:
-            log.write(data.json_line(rec))
-            log.flush()
+def step_record(step, loss, kl, gap, gnorm, lr, comp, stats, times):
+    """A step's log.jsonl line: the mean of each reward component over the global batch (score's `comp`),
+    the zero-variance share of groups and the throughputs of rollout and update (`times`: t0..t3)."""
+    t0, t1, t2, t3 = times
+    mean = [None if math.isnan(x) else x for x in torch.nanmean(comp, 0).tolist()]  # JSON null, not NaN (r_traj with --w_traj 0)
+    rec = {"step": step, "loss": loss, "reward": mean[0], "r_format": mean[1], "r_turn": mean[2], "r_traj": mean[3],
+           "response_rate": mean[4], "zero_var": stats[3].item() / stats[4].item(), "gnorm": gnorm, "lr": lr, "logp_gap": gap,
+           "rollout_tok_s": stats[2].item() / max(t1 - t0, 1e-9), "train_tok_s": stats[1].item() / max(t3 - t2, 1e-9)}
+    if kl is not None:
+        rec["kl"] = kl
+    return rec
 
-    if val and not ckpt:
-        ev = evaluate(dmodel, fmt, val, frames_of, args, judge, rank, world, never, device)
-        print0("eval (before) " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        write({"step": 0, **ev})
-    while step < max_steps:
-        t0 = time.time()
-        videos = [(train[i], frames_of(train[i])) for i in batch_indices(step, args.batch, len(train), args.seed)[rank::world]]
-        if engine:
-            trajs = engine.rollout(videos, dmodel)
-        else:
-            trajs = rollout(dmodel, fmt, videos, args, gen, never)
-        t1 = time.time()
-        seqs, spare, comp, stats = score(trajs, len(videos), args, judge, evaluator, ddp)
-        lr = lr_at(step, max_steps, args.lr, args.warmup, args.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        t2 = time.time()
-        loss, kl, gap = update(dmodel, ref, seqs, spare, max(1.0, stats[0].item()), args, fmt, never, engine, device, autocast, ddp, world)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item() if args.grad_clip > 0 else None
-        if gnorm is not None and not math.isfinite(gnorm):  # (clip_grad_norm_ would scale every gradient by NaN)
-            print0(f"step {step + 1}: gradient norm {gnorm}: update skipped")
-            opt.zero_grad(set_to_none=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        t3 = time.time()
-        mean = [None if math.isnan(x) else x for x in torch.nanmean(comp, 0).tolist()]  # JSON null, not NaN (r_traj with --w_traj 0)
-        flops = M.train_flops(sizes, [len(s["ids"]) for s in seqs], sum(len(p) for s in seqs for p, _ in s["images"]))
-        rec = {"step": step, "loss": loss, "reward": mean[0], "r_format": mean[1], "r_turn": mean[2], "r_traj": mean[3],
-               "response_rate": mean[4], "zero_var": stats[3].item() / stats[4].item(), "gnorm": gnorm, "lr": lr, "logp_gap": gap,
-               "rollout_tok_s": stats[2].item() / max(t1 - t0, 1e-9), "train_tok_s": stats[1].item() / max(t3 - t2, 1e-9)}
-        if args.kl > 0:
-            rec["kl"] = kl
-        if step % args.log_every == 0 or step == max_steps:
-            f = lambda x, p=3: "-" if x is None else f"{x:.{p}f}"
-            print0(f"step {step}/{max_steps} | reward {f(mean[0])} (fmt {f(mean[1], 2)} turn {f(mean[2])} traj {f(mean[3])}) "
-                   f"| resp/turn {f(mean[4])} | zero-var {rec['zero_var']:.2f} | loss {loss:+.4f} | gnorm {f(gnorm, 2)} "
-                   f"| rollout {rec['rollout_tok_s']:,.0f} tok/s | train {rec['train_tok_s']:,.0f} tok/s{M.hw_stats(device, flops, t3 - t2)}")
-        if val and ((args.eval_every and step % args.eval_every == 0) or step == max_steps):
-            ev = evaluate(dmodel, fmt, val, frames_of, args, judge, rank, world, never, device)
-            rec.update(ev)
-            print0("eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        write(rec)
-        if step % args.save_every == 0 or step == max_steps or step == args.stop_at:
-            save()
-        if step == args.stop_at:
-            print0(f"stopped at step {step} (--stop_at): continue with --resume")
-            break
-    M.teardown_dist(ddp)
+
+def step_line(r, max_steps):
+    f = lambda x, p=3: "-" if x is None else f"{x:.{p}f}"
+    return (f"step {r['step']}/{max_steps} | reward {f(r['reward'])} (fmt {f(r['r_format'], 2)} turn {f(r['r_turn'])} "
+            f"traj {f(r['r_traj'])}) | resp/turn {f(r['response_rate'])} | zero-var {r['zero_var']:.2f} | loss {r['loss']:+.4f} "
+            f"| gnorm {f(r['gnorm'], 2)} | rollout {r['rollout_tok_s']:,.0f} tok/s | train {r['train_tok_s']:,.0f} tok/s")
 
 
 class FrameCache:
@@ -494,19 +434,6 @@ def make_judges(args, samples):
         return judge, rewards.LLMEvaluator(args.judge_url, args.judge_model, args.api_key_env, os.path.join(args.out, "rubric_cache.jsonl"))
     judge = metric.OfflineJudge.from_samples(samples)
     return judge, rewards.OfflineEvaluator(judge)
-
-
-def restore(ckpt, dmodel, opt, gen, rank):
-    """Optimizer, step and RNG states (the sampler's per rank) of a checkpoint; step 0 without one."""
-    if not ckpt:
-        return 0
-    state = M.load_trainer_state(ckpt)
-    M.set_optimizer_state(dmodel, opt, state["optimizer"])
-    random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"]), torch.set_rng_state(state["rng"]["torch"])
-    if rank < len(state["rng"]["sampler"]):
-        gen.set_state(state["rng"]["sampler"][rank])
-    print0(f"resumed {ckpt} at step {state['step']}")
-    return state["step"]
 
 
 # -----------------------------------------------------------------------------
@@ -585,6 +512,91 @@ class VLLMRollout:
                     resp[b].append({"time": (k + 1) / a.fps, "text": text})
         V.sleep(self.llm)
         return [trajectory(s, b // a.group, resp[b], segs[b], fmt, a.fps) for b, (s, _) in enumerate(rows)]
+
+
+# -----------------------------------------------------------------------------
+# main: setup, then the loop (rollout, score, update)
+
+
+def main(args):
+    ddp, rank, world, device = M.setup_dist()
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} must be a multiple of the number of processes ({world})")
+    try:
+        start = M.resolve(args.model)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--model: {e}: run `python sft.py` first (or pass --model)") from None
+    ckpt = resume_point(args, rank, ddp)
+    model, processor = M.load(ckpt or start, device=device)
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+    train, val = datasets(args)
+    frames_of = FrameCache(fmt, args.fps, args.cache_gb)
+    judge, evaluator = make_judges(args, train + val)
+    max_steps = args.max_steps or math.ceil(args.epochs * len(train) / args.batch)
+    never = M.vocab_mask(model, processor.tokenizer).to(device)  # ids the policy never emits (sampling and training agree)
+    engine = VLLMRollout(start, fmt, args, rank, train, never) if args.backend == "vllm" else None
+    dmodel, ref, opt, params = policy(model, start, args, ddp, device)
+    gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
+    state = restore(ckpt, dmodel, opt)
+    if ckpt and rank < len(state["rng"]["sampler"]):  # the sampler's generator, per rank
+        gen.set_state(state["rng"]["sampler"][rank])
+    step = state["step"]
+    cfg = vars(args).copy()
+    print0(json.dumps(cfg))
+    print0(f"GRPO: {start} -> {args.out}, {len(train)} training videos, G={args.group}, {world} process(es), {max_steps} steps")
+    log = M.open_log(args.out, step if ckpt else -1) if rank == 0 else None  # no checkpoint: a fresh log
+    autocast = autocast_for(device, args)
+    sizes = M.flop_sizes(model)
+
+    def save():
+        states = [None] * world
+        if ddp:
+            dist.all_gather_object(states, gen.get_state())
+        else:
+            states = [gen.get_state()]
+        M.save_checkpoint(args.out, dmodel, processor, opt, {"step": step, "config": cfg, "rng": {**rng_state(), "sampler": states}}, rank)
+
+    def write(rec):
+        if log:
+            log.write(data.json_line(rec))
+            log.flush()
+
+    if val and not ckpt:
+        ev = evaluate(dmodel, fmt, val, frames_of, args, judge, rank, world, never, device)
+        print0("eval (before) " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        write({"step": 0, **ev})
+    while step < max_steps:
+        t0 = time.time()
+        videos = [(train[i], frames_of(train[i])) for i in batch_indices(step, args.batch, len(train), args.seed)[rank::world]]
+        if engine:
+            trajs = engine.rollout(videos, dmodel)
+        else:
+            trajs = rollout(dmodel, fmt, videos, args, gen, never)
+        t1 = time.time()
+        seqs, spare, comp, stats = score(trajs, len(videos), args, judge, evaluator, ddp)
+        lr = lr_at(step, max_steps, args.lr, args.warmup, args.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        t2 = time.time()
+        loss, kl, gap = update(dmodel, ref, seqs, spare, max(1.0, stats[0].item()), args, fmt, never, engine, device, autocast, ddp, world)
+        gnorm = clip_and_step(opt, params, args.grad_clip, step)
+        step += 1
+        t3 = time.time()
+        flops = M.train_flops(sizes, [len(s["ids"]) for s in seqs], sum(len(p) for s in seqs for p, _ in s["images"]))
+        rec = step_record(step, loss, kl if args.kl > 0 else None, gap, gnorm, lr, comp, stats, (t0, t1, t2, t3))
+        if step % args.log_every == 0 or step == max_steps:
+            print0(step_line(rec, max_steps) + M.hw_stats(device, flops, t3 - t2))
+        if val and ((args.eval_every and step % args.eval_every == 0) or step == max_steps):
+            ev = evaluate(dmodel, fmt, val, frames_of, args, judge, rank, world, never, device)
+            rec.update(ev)
+            print0("eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        write(rec)
+        if step % args.save_every == 0 or step == max_steps or step == args.stop_at:
+            save()
+        if step == args.stop_at:
+            print0(f"stopped at step {step} (--stop_at): continue with --resume")
+            break
+    M.teardown_dist(ddp)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ and the stand-in models that need no download.
     python model.py --tiny qwen2_5_vl --frames_per_turn 1 --out out/tiny1-qwen2_5_vl  # one frame per turn (vLLM)
     python model.py --random qwen2.5-vl-3b --out /tmp/m3b              # the real architecture, random weights (GPU checks)
     python model.py --random qwen3-vl-4b --out /tmp/m4b
-    python model.py --estimate qwen2.5-vl-3b --frames 200 --size 448 [--world 8]   # GPU costs, measured on a CPU (costs.py)
+    python model.py --show 1                                       # one training conversation as the model reads it
+    python model.py --show 1 --states 3 --split val --model out/tiny-qwen2_5_vl
 
 `load` takes a local directory or a hub id (Qwen2.5-VL-3B-Instruct, Qwen3-VL-4B-Instruct, a checkpoint
 written by sft.py or grpo.py, or a model made here) and returns (model, processor) with the decision
@@ -25,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForImageTextToText
 
+import data
 from data import DECISION_TOKENS, cli_args
+import synthetic
 
 MIN_PIXELS, MAX_PIXELS = 3136, 100352  # SPEC section 1: at most 128 visual tokens per frame
 
@@ -216,7 +219,7 @@ def add_decision_tokens(model, tok):
         return
     n_old = len(tok)
     tok.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
-    if model is None:  # a tokenizer alone (data.py --show)
+    if model is None:  # a tokenizer alone (show)
         return
     emb = model.get_input_embeddings()
     if len(tok) > emb.weight.shape[0]:
@@ -474,7 +477,6 @@ def tiny_tokenizer(vocab_size=1024):
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    from synthetic import corpus
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), "isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -482,7 +484,7 @@ def tiny_tokenizer(vocab_size=1024):
     n_special = len(SPECIALS)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - n_special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    bpe.train_from_iterator(corpus(), trainer)
+    bpe.train_from_iterator(synthetic.corpus(), trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
@@ -597,22 +599,41 @@ def ensure_tiny(family="qwen2_5_vl", root="out"):
     return out
 
 
+def show(n, root, split, states, fps, path=None):
+    """Print the n-th conversation of a split, tokenised as training sees it (data.show); the synthetic
+    benchmark and the tiny model are made first where they are missing."""
+    if root == data.DEFAULT_DATA:
+        synthetic.ensure(root)
+    s = data.load_annotations(os.path.join(root, f"{split}.jsonl"))[n]
+    path = path or ensure_tiny()
+    processor = Processor.from_pretrained(path)
+    add_decision_tokens(None, processor.tokenizer)
+    fmt = data.ChatFormat(processor, frames_per_turn(path))
+    frames, _ = fmt.video(s["video_path"], fps, s["duration"])
+    print(f"{s['id']}  task {s['task']}  level {s.get('level')}  query_time {s['query_time']}  duration {s['duration']}")
+    for ans in s["answers"]:
+        when = f"t={ans['time']}" if "time" in ans else f"[{ans['start']}, {ans['end']}]"
+        print(f"  answer {when}: {ans['text']}")
+    data.show(fmt.encode(data.build_conversation(s, len(frames), fps, states), frames), processor.tokenizer)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tiny", choices=["qwen2_5_vl", "qwen3_vl"])
     g.add_argument("--random", choices=list(REAL), help="the real architecture with random weights")
-    g.add_argument("--estimate", choices=list(REAL), help="GPU memory, FLOPs, kernels and syncs of an SFT step and a streamed turn (costs.py)")
+    g.add_argument("--show", type=int, metavar="N", help="print the N-th conversation of --split, tokenised (data.show)")
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames_per_turn", type=int, default=2, choices=[1, 2], help="--tiny: 2 (the CPU default) or 1 (vLLM)")
-    p.add_argument("--frames", type=int, default=200, help="--estimate: one-frame turns in the conversation")
-    p.add_argument("--size", type=int, default=448, help="--estimate: frame side in pixels, before the processor's resize")
-    p.add_argument("--world", type=int, default=1, help="--estimate: GPUs under FSDP")
+    p.add_argument("--data", default=data.DEFAULT_DATA, help="--show: the annotation folder")
+    p.add_argument("--split", default="train")
+    p.add_argument("--states", type=int, default=2, choices=[2, 3])
+    p.add_argument("--fps", type=float, default=1.0)
+    p.add_argument("--model", default=None, help="--show: tokenizer/processor to use (default: the tiny Qwen2.5-VL, built if missing)")
     a = p.parse_args(cli_args())
-    if a.estimate:
-        import costs
-        costs.estimate(a.estimate, a.frames, a.size, a.world)
+    if a.show is not None:
+        show(a.show, a.data, a.split, a.states, a.fps, a.model)
         raise SystemExit
     if a.random:
         torch.manual_seed(a.seed)

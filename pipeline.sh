@@ -54,7 +54,7 @@ run_seed() {
 }
 
 start=$(date +%s)
-python data.py --show 0 > /dev/null  # generates data/synthetic and the tiny model on first use
+python model.py --show 0 > /dev/null  # generates data/synthetic and the tiny model on first use
 for b in oracle silent every-turn random; do python bench.py --baseline "$b" > /dev/null; done
 # With more seeds, the next seed's base and narrator run on a third lane (one thread) beside this seed's
 # two: three one-thread jobs share the two cores without the stalls of a two-thread job beside others.

@@ -382,8 +382,13 @@ def with_positions(model, items):
     return items
 
 
-def resume_point(args):
-    """The checkpoint --resume continues from, or None (then it says what --out holds)."""
+def resume_point(args, rank, ddp):
+    """The checkpoint --resume continues from, or None (then it says what --out holds). A save cut off
+    mid-swap is completed first, before any rank reads --out."""
+    if rank == 0:
+        M.finish_save(args.out)
+    if ddp:
+        dist.barrier()
     if not args.resume:
         return None
     ckpt = M.latest(args.out)
@@ -395,116 +400,20 @@ def resume_point(args):
     return None
 
 
-def main(args):
-    ddp, rank, world, device = M.setup_dist()
-    torch.manual_seed(args.seed + rank)
-    if args.batch % world:
-        raise SystemExit(f"--batch {args.batch} must be a multiple of the number of processes ({world})")
-    if rank == 0:  # the default pipeline makes what it needs: synthetic data, tiny random model
-        if args.data.startswith(data.DEFAULT_DATA):
-            data.ensure_synthetic()
-        if args.model is None:
-            M.ensure_tiny(args.family)
-    if args.model is None:  # the default chain: tiny random -> offline (sees) -> narrate (watches) -> streaming SFT
-        chain = ["offline", "narrate", "stream"]
-        start = {"offline": f"out/tiny-{args.family}", "narrate": f"out/base-{args.family}", "stream": f"out/narrator-{args.family}"}
-        args.model = start[args.stage]
-        if ddp:
-            dist.barrier()
-        for stage in chain[:chain.index(args.stage)]:
-            before = get_args(["--stage", stage, "--family", args.family, "--seed", str(args.seed), "--resume"])
-            before.model = start[stage]
-            print0(f"the {stage} stage first ({before.out}): made if missing, finished if cut off")
-            run(before, ddp, rank, world, device)
-    run(args, ddp, rank, world, device)
-    M.teardown_dist(ddp)
-
-
-def run(args, ddp, rank, world, device):
-    if rank == 0:
-        M.finish_save(args.out)  # a save cut off mid-swap is completed before anyone reads --out
-    if ddp:
-        dist.barrier()
-    ckpt = resume_point(args)
-    if args.stage != "stream" and not args.resume and M.latest(args.out):
-        print0(f"{args.out} exists: {args.stage} stage skipped (delete it or pass --resume to continue)")
-        return
-    model, processor = M.load(ckpt or args.model, device=device, freeze_vision=not args.train_vision)
-    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
-    pad_id = processor.tokenizer.pad_token_id
-    decision_ids = [fmt.decision_ids[t] for t in data.STATES[args.states]]
+def stage_data(args, model, fmt, ckpt, rank, world):
+    """The stage's training and validation data, its number of steps, and load_step(step): this rank's
+    share of a step's conversations, a pure function of the step (so resuming is exact)."""
     levels = [int(x) for x in args.levels.split(",")] if args.levels else None
     if args.stage == "stream":
         train = StreamData(args.data, fmt, args, levels)
         val = StreamData(args.val, fmt, args, levels) if args.val and os.path.isfile(args.val) else None
         max_steps = args.max_steps or math.ceil(args.epochs * len(train.samples) / args.batch)
         load_step = lambda step: with_positions(model, [train.encode(i) for i in batch_indices(step, args.batch, len(train.samples), args.seed)[rank::world]])
-    else:
-        max_steps = args.max_steps
-        load_step = lambda step: with_positions(model, perception_batch(fmt, args.batch, [args.seed, step], args.narration)[rank::world])
-        if not ckpt and not os.path.isfile(os.path.join(M.resolve(args.model), "trainer_state.pt")):  # a random model, not a base to continue
-            center_projector(model, fmt, args.seed)
-    dmodel, opt, params = make_optimizer(model, args, ddp, device)
-    start = step = restore(ckpt, dmodel, opt)
-    cfg = vars(args).copy()
-    print0(json.dumps(cfg))
-    print0(f"{args.stage} stage: {args.model} -> {args.out}, {sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters, "
-           f"{world} process(es), {max_steps} steps")
-    log = M.open_log(args.out, step if ckpt else -1) if rank == 0 else None  # no checkpoint: a fresh log
-    autocast = autocast_for(device, args)
-
-    def evaluate():
-        if args.stage == "stream":
-            return eval_stream(dmodel, fmt, val, args, rank, world, device, pad_id, autocast) if val else {}
-        return eval_offline(model, fmt, 96, seed=10**6 + args.seed, device=device) if rank == 0 else {}
-
-    def save():
-        M.save_checkpoint(args.out, dmodel, processor, opt, {"step": step, "config": cfg, "rng": {
-            "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}, rank)
-
-    meter = Meter(model, device)
-    # the next step's conversations are encoded in a thread while this step trains (data position is a
-    # function of the step, so resuming stays exact); eval and save wait for it (they share the tokenizer)
-    with ThreadPoolExecutor(1) as pool:
-        nxt = pool.submit(load_step, step) if step < max_steps else None
-        while step < max_steps:
-            items = nxt.result()
-            nxt = pool.submit(load_step, step + 1) if step + 1 < max_steps else None
-            counts, n_sup, n_tok = global_totals(items, decision_ids, ddp)
-            lr = lr_at(step, max_steps, args.lr, args.warmup, args.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            loss = forward_backward(dmodel, items, args, counts, n_sup, decision_ids, pad_id, device, world, autocast, ddp)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item() if args.grad_clip > 0 else None
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            meter.add(n_tok, [len(x["input_ids"]) for x in items], sum(len(x["pixel_values"]) for x in items))
-            rec = {"step": step, "loss": loss, "lr": lr, "gnorm": gnorm, "counts": [int(c) for c in counts]}
-            if step % args.log_every == 0 or step == max_steps:
-                names = [t[2:-1].lower() for t in data.STATES[args.states]]
-                cls = " | " + " ".join(f"{k} {int(c)}" for k, c in zip(names, counts)) if args.stage == "stream" else ""
-                rec["tok_per_s"], hw = meter.read()
-                print0(f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {'-' if gnorm is None else f'{gnorm:.2f}'}"
-                       f"{cls} | {rec['tok_per_s']:,.0f} tok/s{hw}")
-            if (args.eval_every and step % args.eval_every == 0) or step == max_steps:
-                nxt and nxt.result()
-                ev = evaluate()
-                rec.update(ev)
-                if ev:
-                    print0("eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-                meter.restart()  # throughput counts training only
-            if log:
-                log.write(data.json_line(rec))
-                log.flush()
-            if step % args.save_every == 0 or step == max_steps or step == args.stop_at:
-                nxt and nxt.result()
-                save()
-            if step == args.stop_at:
-                print0(f"stopped at step {step} (--stop_at): continue with --resume")
-                break
-    if start >= max_steps:
-        print0(f"nothing to do: {args.out} is at step {step} of {max_steps}")
+        return train, val, max_steps, load_step
+    load_step = lambda step: with_positions(model, perception_batch(fmt, args.batch, [args.seed, step], args.narration)[rank::world])
+    if not ckpt and not os.path.isfile(os.path.join(M.resolve(args.model), "trainer_state.pt")):  # a random model, not a base to continue
+        center_projector(model, fmt, args.seed)
+    return None, None, args.max_steps, load_step
 
 
 def make_optimizer(model, args, ddp, device):
@@ -523,15 +432,31 @@ def make_optimizer(model, args, ddp, device):
     return dmodel, opt, [p for _, p in named]
 
 
+def clip_and_step(opt, params, grad_clip, step):
+    """Clip the gradients' global norm and take the optimizer step; a step whose norm is not finite is
+    skipped (clip_grad_norm_ would scale every gradient by NaN). Returns the norm (None: no clipping)."""
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item() if grad_clip > 0 else None
+    if gnorm is not None and not math.isfinite(gnorm):
+        print0(f"step {step + 1}: gradient norm {gnorm}: update skipped")
+        opt.zero_grad(set_to_none=True)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return gnorm
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
 def restore(ckpt, dmodel, opt):
-    """Optimizer, step and RNG state of a checkpoint (step 0 without one)."""
+    """Optimizer and RNG states of a checkpoint; returns its trainer state ({"step": 0} without one)."""
     if not ckpt:
-        return 0
+        return {"step": 0}
     state = M.load_trainer_state(ckpt)
     M.set_optimizer_state(dmodel, opt, state["optimizer"])
     random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"]), torch.set_rng_state(state["rng"]["torch"])
     print0(f"resumed {ckpt} at step {state['step']}")
-    return state["step"]
+    return state
 
 
 def global_totals(items, decision_ids, ddp):
@@ -585,6 +510,106 @@ class Meter:
         out = self.tokens / dt, M.hw_stats(self.device, self.flops, dt)
         self.restart()
         return out
+
+
+# -----------------------------------------------------------------------------
+# main: the default chain of stages, then the loop
+
+
+def main(args):
+    ddp, rank, world, device = M.setup_dist()
+    torch.manual_seed(args.seed + rank)
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} must be a multiple of the number of processes ({world})")
+    if rank == 0:  # the default pipeline makes what it needs: synthetic data, tiny random model
+        if args.data.startswith(data.DEFAULT_DATA):
+            import synthetic
+            synthetic.ensure()
+        if args.model is None:
+            M.ensure_tiny(args.family)
+    if args.model is None:  # the default chain: tiny random -> offline (sees) -> narrate (watches) -> streaming SFT
+        chain = ["offline", "narrate", "stream"]
+        start = {"offline": f"out/tiny-{args.family}", "narrate": f"out/base-{args.family}", "stream": f"out/narrator-{args.family}"}
+        args.model = start[args.stage]
+        if ddp:
+            dist.barrier()
+        for stage in chain[:chain.index(args.stage)]:
+            before = get_args(["--stage", stage, "--family", args.family, "--seed", str(args.seed), "--resume"])
+            before.model = start[stage]
+            print0(f"the {stage} stage first ({before.out}): made if missing, finished if cut off")
+            run(before, ddp, rank, world, device)
+    run(args, ddp, rank, world, device)
+    M.teardown_dist(ddp)
+
+
+def run(args, ddp, rank, world, device):
+    ckpt = resume_point(args, rank, ddp)
+    if args.stage != "stream" and not args.resume and M.latest(args.out):
+        print0(f"{args.out} exists: {args.stage} stage skipped (delete it or pass --resume to continue)")
+        return
+    model, processor = M.load(ckpt or args.model, device=device, freeze_vision=not args.train_vision)
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+    pad_id = processor.tokenizer.pad_token_id
+    decision_ids = [fmt.decision_ids[t] for t in data.STATES[args.states]]
+    train, val, max_steps, load_step = stage_data(args, model, fmt, ckpt, rank, world)
+    dmodel, opt, params = make_optimizer(model, args, ddp, device)
+    start = step = restore(ckpt, dmodel, opt)["step"]
+    cfg = vars(args).copy()
+    print0(json.dumps(cfg))
+    print0(f"{args.stage} stage: {args.model} -> {args.out}, {sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters, "
+           f"{world} process(es), {max_steps} steps")
+    log = M.open_log(args.out, step if ckpt else -1) if rank == 0 else None  # no checkpoint: a fresh log
+    autocast = autocast_for(device, args)
+
+    def evaluate():
+        if args.stage == "stream":
+            return eval_stream(dmodel, fmt, val, args, rank, world, device, pad_id, autocast) if val else {}
+        return eval_offline(model, fmt, 96, seed=10**6 + args.seed, device=device) if rank == 0 else {}
+
+    def save():
+        M.save_checkpoint(args.out, dmodel, processor, opt, {"step": step, "config": cfg, "rng": rng_state()}, rank)
+
+    meter = Meter(model, device)
+    # the next step's conversations are encoded in a thread while this step trains (data position is a
+    # function of the step, so resuming stays exact); eval and save wait for it (they share the tokenizer)
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(load_step, step) if step < max_steps else None
+        while step < max_steps:
+            items = nxt.result()
+            nxt = pool.submit(load_step, step + 1) if step + 1 < max_steps else None
+            counts, n_sup, n_tok = global_totals(items, decision_ids, ddp)
+            lr = lr_at(step, max_steps, args.lr, args.warmup, args.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            loss = forward_backward(dmodel, items, args, counts, n_sup, decision_ids, pad_id, device, world, autocast, ddp)
+            gnorm = clip_and_step(opt, params, args.grad_clip, step)
+            step += 1
+            meter.add(n_tok, [len(x["input_ids"]) for x in items], sum(len(x["pixel_values"]) for x in items))
+            rec = {"step": step, "loss": loss, "lr": lr, "gnorm": gnorm, "counts": [int(c) for c in counts]}
+            if step % args.log_every == 0 or step == max_steps:
+                names = [t[2:-1].lower() for t in data.STATES[args.states]]
+                cls = " | " + " ".join(f"{k} {int(c)}" for k, c in zip(names, counts)) if args.stage == "stream" else ""
+                rec["tok_per_s"], hw = meter.read()
+                print0(f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {'-' if gnorm is None else f'{gnorm:.2f}'}"
+                       f"{cls} | {rec['tok_per_s']:,.0f} tok/s{hw}")
+            if (args.eval_every and step % args.eval_every == 0) or step == max_steps:
+                nxt and nxt.result()
+                ev = evaluate()
+                rec.update(ev)
+                if ev:
+                    print0("eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                meter.restart()  # throughput counts training only
+            if log:
+                log.write(data.json_line(rec))
+                log.flush()
+            if step % args.save_every == 0 or step == max_steps or step == args.stop_at:
+                nxt and nxt.result()
+                save()
+            if step == args.stop_at:
+                print0(f"stopped at step {step} (--stop_at): continue with --resume")
+                break
+    if start >= max_steps:
+        print0(f"nothing to do: {args.out} is at step {step} of {max_steps}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ The synthetic proactive benchmark: real H.264 mp4 files of coloured shapes on a 
 questions and timed answers whose ground truth is known exactly, covering the seven StreamPro-Bench
 tasks. It is the default data of every script, so the whole pipeline runs offline on a CPU.
 
-    python data.py --make_synthetic                      # default sizes, into data/synthetic
+    python synthetic.py                                  # default sizes, into data/synthetic
     python synthetic.py --out data/synthetic --n_train 1200 --levels 0,1,2 --seed 0
 
 Difficulty levels (measured with the tiny models, see STUDY.md):
@@ -22,9 +22,12 @@ fixed spacing: a model cannot time its answers from the rhythm of its own previo
 import argparse
 import json
 import os
+import time
 from multiprocessing import Pool
 
 import numpy as np
+
+from data import DEFAULT_DATA, SYSTEM_PROMPT, SYSTEM_PROMPT_3, cli_args, time_marker
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
 SHAPES = ("square", "circle", "triangle")
@@ -166,102 +169,131 @@ def interval(s, e, text, **slots):
 
 
 def make_sample(rng, level, task, duration, size):
-    """One video's scene and its annotation (question, query time, answers)."""
+    """One video's scene and its annotation (question, query time, answers), or None to draw again."""
     T = duration
     q = int(rng.integers(0, max(1, T // 5)))  # question asked in the first fifth of the video
     if level in (0, 1):
-        n = 1 if level == 0 else 2
-        sc = Scene(rng, T, size, n, shapes=["square"] + [str(rng.choice(SHAPES[1:]))] * (n - 1))
-        target = "red" if level == 0 else str(rng.choice(list(COLOURS)))
-        if sc.obj[0]["colour"][0] == target:
-            sc.set_colour(0, 0, str(rng.choice([c for c in COLOURS if c != target])))
-        changes = colour_changes(sc, 0, poisson_times(rng, 1, T, 0.2), rng, target=target)
-        for j in range(1, n):
-            colour_changes(sc, j, poisson_times(rng, 1, T, 0.2), rng)
-        question = TASK_TEXT["OU0"] if level == 0 else TASK_TEXT["OU1"].format(shape="square", colour=target)
-        answers = [instant(s, f"The square turned {c}.", shape="square", colour=c) for s, c in changes if c == target and s >= q]
-        return sc, "OU", question, q, answers
-
+        return colour_watch(rng, level, T, size, q)
     # (ours) GP and RF scenes hold one shape, so nothing blocks its path; TP needs two
     n = {"GP": 1, "RF": 1, "TP": int(rng.integers(2, 4))}.get(task, int(rng.integers(1, 4)))
     sc = Scene(rng, T, size, n)
-    nm, colour, shape = name(sc, 0), sc.obj[0]["colour"][0], sc.obj[0]["shape"]
-    last = T - 1  # events must be seen by the last frame: answer times (e + 1) stay <= duration
-    if task == "OU":
-        changes = colour_changes(sc, 0, poisson_times(rng, q + 1, T, 0.15, gap=SEPARATION), rng)
-        for j in range(1, n):
-            colour_changes(sc, j, poisson_times(rng, 1, T, 0.1), rng)
-        question = TASK_TEXT["OU"].format(colour=colour, shape=shape)
-        answers = [instant(s, f"The {shape} turned {c}.", shape=shape, colour=c) for s, c in changes]
-    elif task == "AA":
-        random_moves(sc, 0, 0, last, rng, rate=0.1)
-        s = int(rng.integers(q + 2, T - 1))
-        if rng.random() < 0.5:
-            i = int(rng.integers(0, n))
-            sc.obj[i]["visible"][s:] = False
-            answers = [instant(s, f"Alert: the {name(sc, i)} vanished.", colour=sc.obj[i]["colour"][0], shape=sc.obj[i]["shape"], event="vanished")]
-        else:
-            sc.flash[s] = True
-            answers = [instant(s, "Alert: there was a bright flash.", event="flash")]
-        question = TASK_TEXT["AA"]
-    elif task == "EU":
-        moves = random_moves(sc, 0, q + 1, last, rng, rate=0.3, rest=SEPARATION - 2)
-        question = TASK_TEXT["EU"].format(colour=colour, shape=shape)
-        answers = [interval(s, e, f"The {nm} moved {d}.", colour=colour, shape=shape, direction=d) for s, e, d in moves]
-    elif task == "TP":
-        first = random_moves(sc, 0, q + 1, T // 2, rng, rate=0.3, limit=1)  # the target event
-        if not first:
-            return None
-        s0, e0, d0 = first[0]
-        later = random_moves(sc, 1, e0, last, rng, rate=0.3, limit=2, rest=SEPARATION - 2)  # what follows it
-        question = TASK_TEXT["TP"].format(colour2=sc.obj[1]["colour"][0], shape2=sc.obj[1]["shape"], colour=colour, shape=shape, dir=d0)
-        o1 = sc.obj[1]
-        answers = [interval(s, e, f"The {name(sc, 1)} moved {d}.", colour=o1["colour"][0], shape=o1["shape"], direction=d) for s, e, d in later]
-    elif task == "TG":
-        d0 = str(rng.choice(list(DIRS)))
-        moves = random_moves(sc, 0, q + 1, last, rng, rate=0.25)
-        hits = [m for m in moves if m[2] == d0]
-        if len(hits) != 1:  # the question must name exactly one movement
-            return None
-        s, e, _ = hits[0]
-        question = TASK_TEXT["TG"].format(colour=colour, shape=shape, dir=d0)
-        answers = [interval(s, e, f"From {s + 1}s to {e + 1}s.", start=s + 1, end=e + 1)]
-    elif task == "GP":
-        cx, cy = sc.cell_of(0, 0)
-        here = [p for p, c in PLACES.items() if c == (cx, cy)]
-        plan = [str(p) for p in rng.permutation([p for p in PLACES if p not in here])[:3]]
-        speed = int(rng.integers(1, 3))  # seconds per cell: constant speed makes completion predictable
-        s, answers = q + int(rng.integers(1, 4)), []
-        for k, p in enumerate(plan):
-            x0, y0 = sc.cell_of(0, s)
-            e = s + speed * max(abs(PLACES[p][0] - x0), abs(PLACES[p][1] - y0))
-            if e >= T:
-                return None
-            sc.move(0, s, e, *sc.cell_xy(*PLACES[p]))
-            nxt = f"Next, bring it to the {plan[k + 1]}." if k + 1 < len(plan) else "Done: the goal is reached."
-            answers.append(instant(e, nxt, place=plan[k + 1]) if k + 1 < len(plan) else instant(e, nxt, event="done"))
-            s = e + int(rng.integers(1, 4))
-        question = TASK_TEXT["GP"].format(colour=colour, shape=shape, p1=plan[0], p2=plan[1], p3=plan[2])
-    elif task == "RF":
-        r, v = size / 8, float(rng.integers(2, 5))  # half-side, speed in px/s
-        d = str(rng.choice(list(DIRS)))
-        wall = {"left": "left", "right": "right", "up": "top", "down": "bottom"}[d]
-        ax, sign = ("x", "y")[DIRS[d][0] == 0], sum(DIRS[d])
-        stop = size - r if sign > 0 else r  # the centre's coordinate at impact
-        travel = int(rng.integers(5, 11))  # seconds of visible motion before impact (>= 2 before the warning)
-        impact = q + 3 + int(rng.integers(3, 9))
-        if impact >= T or impact - travel < 0 or abs(stop - v * travel * sign - size / 2) > size / 2 - r:
-            return None
-        o, s0 = sc.obj[0], impact - travel
-        o[ax][:s0] = stop - sign * v * travel
-        o[ax][s0:impact + 1] = stop - sign * v * (impact - np.arange(s0, impact + 1))
-        o[ax][impact + 1:] = stop  # it hits the wall and stays there: one impact, one warning
-        question = TASK_TEXT["RF"].format(colour=colour, shape=shape)
-        answers = [instant(impact - 3, f"Warning: the {nm} will hit the {wall} wall.", colour=colour, shape=shape, wall=wall)]
+    made = LEVEL2[task](sc, rng, q)
+    if made is None:
+        return None
+    question, answers = made
     for j in range(1, len(sc.obj)):  # distractors: the other shapes wander about (TP's second shape is scripted)
         if not (task == "TP" and j == 1):
-            random_moves(sc, j, 0, last, rng, rate=0.1)
+            random_moves(sc, j, 0, T - 1, rng, rate=0.1)
     return sc, task, question, q, answers
+
+
+def colour_watch(rng, level, T, size, q):
+    """Levels 0 and 1: tell me when the square turns red (0) or a colour named in the question (1)."""
+    n = 1 if level == 0 else 2
+    sc = Scene(rng, T, size, n, shapes=["square"] + [str(rng.choice(SHAPES[1:]))] * (n - 1))
+    target = "red" if level == 0 else str(rng.choice(list(COLOURS)))
+    if sc.obj[0]["colour"][0] == target:
+        sc.set_colour(0, 0, str(rng.choice([c for c in COLOURS if c != target])))
+    changes = colour_changes(sc, 0, poisson_times(rng, 1, T, 0.2), rng, target=target)
+    for j in range(1, n):
+        colour_changes(sc, j, poisson_times(rng, 1, T, 0.2), rng)
+    question = TASK_TEXT["OU0"] if level == 0 else TASK_TEXT["OU1"].format(shape="square", colour=target)
+    answers = [instant(s, f"The square turned {c}.", shape="square", colour=c) for s, c in changes if c == target and s >= q]
+    return sc, "OU", question, q, answers
+
+
+# Level 2, one function per task: script the first shape's events after the question at q; return
+# (question, answers), or None when the draw cannot make a valid sample. Events must be seen by the
+# last frame T - 1, so answer times (e + 1) stay <= duration.
+
+
+def task_ou(sc, rng, q):
+    colour, shape, n = sc.obj[0]["colour"][0], sc.obj[0]["shape"], len(sc.obj)
+    changes = colour_changes(sc, 0, poisson_times(rng, q + 1, sc.T, 0.15, gap=SEPARATION), rng)
+    for j in range(1, n):
+        colour_changes(sc, j, poisson_times(rng, 1, sc.T, 0.1), rng)
+    return TASK_TEXT["OU"].format(colour=colour, shape=shape), [instant(s, f"The {shape} turned {c}.", shape=shape, colour=c) for s, c in changes]
+
+
+def task_aa(sc, rng, q):
+    random_moves(sc, 0, 0, sc.T - 1, rng, rate=0.1)
+    s = int(rng.integers(q + 2, sc.T - 1))
+    if rng.random() < 0.5:
+        i = int(rng.integers(0, len(sc.obj)))
+        sc.obj[i]["visible"][s:] = False
+        answers = [instant(s, f"Alert: the {name(sc, i)} vanished.", colour=sc.obj[i]["colour"][0], shape=sc.obj[i]["shape"], event="vanished")]
+    else:
+        sc.flash[s] = True
+        answers = [instant(s, "Alert: there was a bright flash.", event="flash")]
+    return TASK_TEXT["AA"], answers
+
+
+def task_eu(sc, rng, q):
+    nm, colour, shape = name(sc, 0), sc.obj[0]["colour"][0], sc.obj[0]["shape"]
+    moves = random_moves(sc, 0, q + 1, sc.T - 1, rng, rate=0.3, rest=SEPARATION - 2)
+    return (TASK_TEXT["EU"].format(colour=colour, shape=shape),
+            [interval(s, e, f"The {nm} moved {d}.", colour=colour, shape=shape, direction=d) for s, e, d in moves])
+
+
+def task_tp(sc, rng, q):
+    first = random_moves(sc, 0, q + 1, sc.T // 2, rng, rate=0.3, limit=1)  # the target event
+    if not first:
+        return None
+    s0, e0, d0 = first[0]
+    later = random_moves(sc, 1, e0, sc.T - 1, rng, rate=0.3, limit=2, rest=SEPARATION - 2)  # what follows it
+    o0, o1 = sc.obj[0], sc.obj[1]
+    question = TASK_TEXT["TP"].format(colour2=o1["colour"][0], shape2=o1["shape"], colour=o0["colour"][0], shape=o0["shape"], dir=d0)
+    return question, [interval(s, e, f"The {name(sc, 1)} moved {d}.", colour=o1["colour"][0], shape=o1["shape"], direction=d) for s, e, d in later]
+
+
+def task_tg(sc, rng, q):
+    d0 = str(rng.choice(list(DIRS)))
+    moves = random_moves(sc, 0, q + 1, sc.T - 1, rng, rate=0.25)
+    hits = [m for m in moves if m[2] == d0]
+    if len(hits) != 1:  # the question must name exactly one movement
+        return None
+    s, e, _ = hits[0]
+    question = TASK_TEXT["TG"].format(colour=sc.obj[0]["colour"][0], shape=sc.obj[0]["shape"], dir=d0)
+    return question, [interval(s, e, f"From {s + 1}s to {e + 1}s.", start=s + 1, end=e + 1)]
+
+
+def task_gp(sc, rng, q):
+    cx, cy = sc.cell_of(0, 0)
+    here = [p for p, c in PLACES.items() if c == (cx, cy)]
+    plan = [str(p) for p in rng.permutation([p for p in PLACES if p not in here])[:3]]
+    speed = int(rng.integers(1, 3))  # seconds per cell: constant speed makes completion predictable
+    s, answers = q + int(rng.integers(1, 4)), []
+    for k, p in enumerate(plan):
+        x0, y0 = sc.cell_of(0, s)
+        e = s + speed * max(abs(PLACES[p][0] - x0), abs(PLACES[p][1] - y0))
+        if e >= sc.T:
+            return None
+        sc.move(0, s, e, *sc.cell_xy(*PLACES[p]))
+        nxt = f"Next, bring it to the {plan[k + 1]}." if k + 1 < len(plan) else "Done: the goal is reached."
+        answers.append(instant(e, nxt, place=plan[k + 1]) if k + 1 < len(plan) else instant(e, nxt, event="done"))
+        s = e + int(rng.integers(1, 4))
+    return TASK_TEXT["GP"].format(colour=sc.obj[0]["colour"][0], shape=sc.obj[0]["shape"], p1=plan[0], p2=plan[1], p3=plan[2]), answers
+
+
+def task_rf(sc, rng, q):
+    size, nm, colour, shape = sc.size, name(sc, 0), sc.obj[0]["colour"][0], sc.obj[0]["shape"]
+    r, v = size / 8, float(rng.integers(2, 5))  # half-side, speed in px/s
+    d = str(rng.choice(list(DIRS)))
+    wall = {"left": "left", "right": "right", "up": "top", "down": "bottom"}[d]
+    ax, sign = ("x", "y")[DIRS[d][0] == 0], sum(DIRS[d])
+    stop = size - r if sign > 0 else r  # the centre's coordinate at impact
+    travel = int(rng.integers(5, 11))  # seconds of visible motion before impact (>= 2 before the warning)
+    impact = q + 3 + int(rng.integers(3, 9))
+    if impact >= sc.T or impact - travel < 0 or abs(stop - v * travel * sign - size / 2) > size / 2 - r:
+        return None
+    o, s0 = sc.obj[0], impact - travel
+    o[ax][:s0] = stop - sign * v * travel
+    o[ax][s0:impact + 1] = stop - sign * v * (impact - np.arange(s0, impact + 1))
+    o[ax][impact + 1:] = stop  # it hits the wall and stays there: one impact, one warning
+    return TASK_TEXT["RF"].format(colour=colour, shape=shape), [instant(impact - 3, f"Warning: the {nm} will hit the {wall} wall.", colour=colour, shape=shape, wall=wall)]
+
+
+LEVEL2 = {"OU": task_ou, "AA": task_aa, "EU": task_eu, "TP": task_tp, "TG": task_tg, "GP": task_gp, "RF": task_rf}
 
 
 def write_mp4(path, scene, fps):
@@ -292,7 +324,7 @@ def _job(args):
             "answers": sorted(answers, key=lambda a: a.get("time", a.get("end"))), "duration": float(T), "level": level}
 
 
-def generate(out="data/synthetic", n_train=1200, n_val=120, n_test=210, levels=(0, 1, 2), seed=0,
+def generate(out=DEFAULT_DATA, n_train=1200, n_val=120, n_test=210, levels=(0, 1, 2), seed=0,
              min_dur=16, max_dur=40, size=56, video_fps=2, workers=2):
     """Write {train,val,test}.jsonl and videos/ under `out`. Levels and tasks are assigned round-robin
     so every split is balanced; deterministic from `seed`."""
@@ -316,6 +348,14 @@ def generate(out="data/synthetic", n_train=1200, n_val=120, n_test=210, levels=(
                     f.write(json.dumps(r) + "\n")
         os.replace(os.path.join(out, f"{split}.jsonl.tmp"), os.path.join(out, f"{split}.jsonl"))  # jsonl last: marks completion
     return rows
+
+
+def ensure(root=DEFAULT_DATA):
+    """The default data: generated on first use (about half a minute on 2 cores)."""
+    if not os.path.isfile(os.path.join(root, "test.jsonl")):
+        print(f"generating the synthetic benchmark into {root} ...")
+        generate(root)
+    return root
 
 
 # -----------------------------------------------------------------------------
@@ -385,7 +425,6 @@ def narration(n, seed=0, size=56, max_turns=8, p_change=0.4):
 
 def corpus():
     """Text the tiny tokenizer is trained on: every template with every value."""
-    from data import SYSTEM_PROMPT, SYSTEM_PROMPT_3, time_marker
     lines = [SYSTEM_PROMPT, SYSTEM_PROMPT_3, "Describe the frame.", "What changed?", "Nothing changed.", "Wait",
              "system", "user", "assistant", "You are a helpful assistant."]
     lines += [time_marker(k) for k in range(300)] + [time_marker(k, 2.0) for k in range(100)]
@@ -403,7 +442,7 @@ def corpus():
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="data/synthetic")
+    p.add_argument("--out", default=DEFAULT_DATA)
     p.add_argument("--n_train", type=int, default=1200)
     p.add_argument("--n_val", type=int, default=120)
     p.add_argument("--n_test", type=int, default=210)
@@ -413,7 +452,8 @@ if __name__ == "__main__":
     p.add_argument("--max_dur", type=int, default=40)
     p.add_argument("--size", type=int, default=56, help="frame side in pixels")
     p.add_argument("--workers", type=int, default=2)
-    from data import cli_args
     a = p.parse_args(cli_args())
-    generate(a.out, a.n_train, a.n_val, a.n_test, tuple(int(x) for x in a.levels.split(",")), a.seed,
-             a.min_dur, a.max_dur, a.size, workers=a.workers)
+    t0 = time.time()
+    rows = generate(a.out, a.n_train, a.n_val, a.n_test, tuple(int(x) for x in a.levels.split(",")), a.seed,
+                    a.min_dur, a.max_dur, a.size, workers=a.workers)
+    print(f"wrote {len(rows)} samples to {a.out} in {time.time() - t0:.1f} s")

@@ -211,7 +211,7 @@ def test_synthetic_splits_cover_all_tasks_and_are_deterministic(synth, tmp_path)
 
 
 def test_show_cli(tiny, synth):
-    out = run_py("data.py", "--show", "1", "--data", str(synth), "--model", tiny["qwen2_5_vl"])
+    out = run_py("model.py", "--show", "1", "--data", str(synth), "--model", tiny["qwen2_5_vl"])
     assert "turn   0 " in out and "[img x4]" in out and "\u27e6</Silence>\u27e7" in out and "supervised" in out
 
 
@@ -1026,7 +1026,7 @@ def test_bench_show_and_default_ann(tmp_path, monkeypatch):
     assert "P0 at 11s -> G0  S_time 0.75  S_acc 1.00" in text and "P1 at 30s -> no window (unmatched)" in text
     assert "G1: t_opt 25s  window [22, 28]s  no match" in text
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(bench.BenchError, match="python data.py --make_synthetic"):
+    with pytest.raises(bench.BenchError, match="python synthetic.py"):
         bench.main(["--baseline", "oracle"])
 
 
@@ -1055,7 +1055,7 @@ OVO_ITEMS = [
 def test_ovo_converter(tmp_path):
     src, dst = tmp_path / "ovo.json", tmp_path / "far.jsonl"
     src.write_text(json.dumps(OVO_ITEMS))
-    assert bench.main(["--from_ovo", str(src), "--out", str(dst)]) == {"REC": 1, "SSR": 1, "CRR": 1}
+    assert formats.main(["--from_ovo", str(src), "--out", str(dst)]) == {"REC": 1, "SSR": 1, "CRR": 1}
     by_id = {s["id"]: s for s in load_annotations(str(dst), check_videos=False)}
     assert by_id["ovo_REC_1"]["answers"] == [{"time": 5.0, "text": "1", "slots": {"count": 1}},
                                              {"time": 12.0, "text": "2", "slots": {"count": 2}}]
@@ -1068,8 +1068,8 @@ def test_ovo_converter(tmp_path):
     assert res["summary"]["w_avg"] == 1.0 and res["summary"]["avg"] is None
     src.write_text(json.dumps([{"id": 9, "task": "SSR", "video": "v", "tutorial": "T", "all_steps": ["a"],
                                 "start_time": [1, 2], "end_time": [3, 4]}]))
-    with pytest.raises(bench.BenchError, match="OVO item id 9"):
-        bench.ovo_to_annotations(json.loads(src.read_text()))
+    with pytest.raises(formats.FormatError, match="OVO item id 9"):
+        formats.ovo_to_annotations(json.loads(src.read_text()))
 
 
 def test_random_scoring_samples_shape():
@@ -1171,7 +1171,7 @@ def test_streamo_converter_skips_with_reasons(tmp_path, capsys):
     got = {s["id"]: s for s in load_annotations(str(dst), check_videos=False)}
     assert got["v_a_2_q0"]["query_time"] == 0.0 and got["v_a_2_q0"]["answers"] == [{"start": 2.0, "end": 10.0, "text": "a"}]
     assert got["v_a_0_q0"]["video"] == str(tmp_path / "videos" / "clips" / "v_a.mp4")
-    run_py("data.py", "--from_streamo", str(src), "--out", str(tmp_path / "cli.jsonl"))
+    run_py("formats.py", "--from_streamo", str(src), "--out", str(tmp_path / "cli.jsonl"))
     assert sum(1 for _ in open(tmp_path / "cli.jsonl")) == 3  # without --video_root nothing is skipped for its video
 
 
@@ -1205,12 +1205,12 @@ SB_ITEMS = [  # StreamingBench's questions_proactive.json schema; time stamps ar
 def test_streamingbench_converter(tmp_path):
     src, dst = tmp_path / "questions_proactive.json", tmp_path / "sb" / "proactive.jsonl"
     src.write_text(json.dumps(SB_ITEMS))
-    assert bench.main(["--from_streamingbench", str(src), "--out", str(dst)]) == 3
+    assert formats.main(["--from_streamingbench", str(src), "--out", str(dst)]) == 3
     a, b, c = load_annotations(str(dst), check_videos=False)
     assert (a["id"], a["task"], a["query_time"], a["duration"], a["clip"]) == ("sbpo000_q0", "PO", 170.0, 182.0, [174.0, 204.0])
     assert a["answers"] == [{"time": 178.0, "text": "20", "slots": {"output": "20"}}] and a["video"] == "videos/sample_17_proactive.mp4"
     assert (b["id"], c["id"], c["query_time"], c["answers"][0]["time"]) == ("sbpo001_q0", "sbpo001_q1", 2.0, 5.0)
-    bench.main(["--from_streamingbench", str(src), "--out", str(dst), "--video_root", str(tmp_path / "sb_videos")])
+    formats.main(["--from_streamingbench", str(src), "--out", str(dst), "--video_root", str(tmp_path / "sb_videos")])
     assert load_annotations(str(dst), check_videos=False)[0]["video"] == str(tmp_path / "sb_videos" / "videos" / "sample_17_proactive.mp4")
     res = bench.main(["--ann", str(dst), "--baseline", "oracle", "--rule", "streamingbench", "--out", str(tmp_path / "o.preds.jsonl")])
     assert res["summary"]["w_avg"] == 1.0 and res["streamingbench"] == {"n": 3, "time_accuracy": 1.0, "answer_accuracy": 1.0}
@@ -1993,6 +1993,40 @@ def test_host_positions_equal_the_models_own_in_a_padded_batch(tiny, synth, fami
 
 
 def test_estimate_prints_allocated_memory_flops_kernels_and_syncs():
-    out = run_py("model.py", "--estimate", "qwen2.5-vl-3b", "--frames", "6", "--world", "4")
+    out = run_py("costs.py", "qwen2.5-vl-3b", "--frames", "6", "--world", "4")
     assert "ALLOCATED" in out and "lower bound" in out and "FSDP over 4 GPUs" in out, out
     assert re.search(r"SFT step: peak [0-9.]+ GiB", out) and re.search(r"[0-9,]+ kernels, \d+ host syncs", out), out
+
+
+# -----------------------------------------------------------------------------
+# The repo's shape (issue 21): files import each other bottom-up, functions fit on a screen
+
+
+def our_imports(path, ours):
+    """The files of ours that `path` imports, anywhere in it (an import inside a function counts too)."""
+    import ast
+    names = set()
+    for n in ast.walk(ast.parse(open(path).read())):
+        if isinstance(n, ast.Import):
+            names |= {a.name.split(".")[0] for a in n.names}
+        elif isinstance(n, ast.ImportFrom) and n.module and not n.level:
+            names.add(n.module.split(".")[0])
+    return names & ours
+
+
+def test_no_import_circle_and_no_function_over_80_lines():
+    import ast
+    root = os.path.dirname(os.path.abspath(__file__))
+    files = {f[:-3]: os.path.join(root, f) for f in os.listdir(root) if f.endswith(".py") and not f.startswith("test_")}
+    deps = {m: our_imports(p, set(files)) - {m} for m, p in files.items()}
+    assert deps["data"] == set(), deps["data"]  # the bottom: the format's constants and the CLI helpers
+    order, left = [], dict(deps)
+    while left:  # peel the files whose imports are all placed: what never peels is a circle
+        free = sorted(m for m, d in left.items() if d <= set(order))
+        assert free, f"import circle among {sorted(left)}: {left}"
+        order += free
+        for m in free:
+            del left[m]
+    long = [f"{m}.{n.name} {n.end_lineno - n.lineno + 1}" for m, p in files.items() for n in ast.walk(ast.parse(open(p).read()))
+            if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > 80]
+    assert not long, long
