@@ -331,7 +331,6 @@ class ChatFormat:
         if not ok:
             raise ValueError("unsupported chat template: messages are not rendered as independent pieces")
         self.image_token_id = processor.image_token_id
-        self.vision_start_id = self.tok.convert_tokens_to_ids("<|vision_start|>")
         self.decision_ids = {t: self.tok.convert_tokens_to_ids(t) for t in DECISION_TOKENS}
         for t, i in self.decision_ids.items():
             if i is None or i == self.tok.unk_token_id or len(self.ids(t)) != 1:

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForImageTextToText
 
 import data
-from data import DECISION_TOKENS, cli_args
 import synthetic
+from data import DECISION_TOKENS, cli_args
 
 MIN_PIXELS, MAX_PIXELS = 3136, 100352  # SPEC section 1: at most 128 visual tokens per frame
 
