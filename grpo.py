@@ -374,18 +374,21 @@ def datasets(args):
     return train, val
 
 
-def policy(model, start, args, ddp, device):
-    """The wrapped policy, the frozen reference (only with --kl: it costs a second copy of the weights),
-    AdamW and the parameters it trains."""
-    ref = None
-    if args.kl > 0:
-        ref, _ = M.load(start, device=device)
-        ref.eval().requires_grad_(False)
+def reference(start, args, device):
+    """The frozen reference policy of the KL term: only with --kl (it costs a second copy of the weights)."""
+    if args.kl <= 0:
+        return None
+    ref, _ = M.load(start, device=device)
+    return ref.eval().requires_grad_(False)
+
+
+def policy(model, args, ddp, device):
+    """The wrapped policy, AdamW and the parameters it trains."""
     dmodel = wrap(model, args, ddp, device)
     dmodel.train()  # (from_pretrained leaves eval mode, where gradient checkpointing is off)
     params = [p for p in dmodel.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=device.startswith("cuda"))
-    return dmodel, ref, opt, params
+    return dmodel, opt, params
 
 
 def step_record(step, loss, kl, gap, gnorm, lr, comp, stats, times):
@@ -532,10 +535,11 @@ def main(args):
     train, val = datasets(args)
     frames_of = FrameCache(fmt, args.fps, args.cache_gb)
     judge, evaluator = make_judges(args, train + val)
+    ref = reference(start, args, device)
     max_steps = args.max_steps or math.ceil(args.epochs * len(train) / args.batch)
     never = M.vocab_mask(model, processor.tokenizer).to(device)  # ids the policy never emits (sampling and training agree)
     engine = VLLMRollout(start, fmt, args, rank, train, never) if args.backend == "vllm" else None
-    dmodel, ref, opt, params = policy(model, start, args, ddp, device)
+    dmodel, opt, params = policy(model, args, ddp, device)
     gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
     state = restore(ckpt, dmodel, opt)
     if ckpt and rank < len(state["rng"]["sampler"]):  # the sampler's generator, per rank
