@@ -34,7 +34,8 @@ import infer
 import metric
 import model as M
 import rewards
-from sft import autocast_for, batch_indices, clip_and_step, lr_at, print0, restore, resume_point, rng_state, set_grad_sync, wrap
+from sft import (autocast_for, batch_indices, clip_and_step, log_line, lr_at, print0, restore, resume_point, rng_state,
+                 set_grad_sync, wrap)
 
 PRESETS = {  # SPEC section 5 (veRL + vLLM in the paper); (ours): micro-batch, eval cadence
     "qwen2.5-vl-3b": dict(lr=1e-6, batch=16, group=8, temperature=1.0, tau=8.0, max_steps=0, epochs=1, dtype="bfloat16",
@@ -560,15 +561,10 @@ def main(args):
             states = [gen.get_state()]
         M.save_checkpoint(args.out, dmodel, processor, opt, {"step": step, "config": cfg, "rng": {**rng_state(), "sampler": states}}, rank)
 
-    def write(rec):
-        if log:
-            log.write(data.json_line(rec))
-            log.flush()
-
     if val and not ckpt:
         ev = evaluate(dmodel, fmt, val, frames_of, args, judge, rank, world, never, device)
         print0("eval (before) " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        write({"step": 0, **ev})
+        log_line(log, {"step": 0, **ev})
     while step < max_steps:
         t0 = time.time()
         videos = [(train[i], frames_of(train[i])) for i in batch_indices(step, args.batch, len(train), args.seed)[rank::world]]
@@ -586,15 +582,15 @@ def main(args):
         gnorm = clip_and_step(opt, params, args.grad_clip, step)
         step += 1
         t3 = time.time()
-        flops = M.train_flops(sizes, [len(s["ids"]) for s in seqs], sum(len(p) for s in seqs for p, _ in s["images"]))
         rec = step_record(step, loss, kl if args.kl > 0 else None, gap, gnorm, lr, comp, stats, (t0, t1, t2, t3))
         if step % args.log_every == 0 or step == max_steps:
+            flops = M.train_flops(sizes, [len(s["ids"]) for s in seqs], sum(len(p) for s in seqs for p, _ in s["images"]))
             print0(step_line(rec, max_steps) + M.hw_stats(device, flops, t3 - t2))
         if val and ((args.eval_every and step % args.eval_every == 0) or step == max_steps):
             ev = evaluate(dmodel, fmt, val, frames_of, args, judge, rank, world, never, device)
             rec.update(ev)
             print0("eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        write(rec)
+        log_line(log, rec)
         if step % args.save_every == 0 or step == max_steps or step == args.stop_at:
             save()
         if step == args.stop_at:

@@ -315,6 +315,13 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
+def log_line(log, rec):
+    """Append a record to log.jsonl: rank 0 holds the file, the other ranks pass None."""
+    if log:
+        log.write(data.json_line(rec))
+        log.flush()
+
+
 def wrap(model, args, ddp, device):
     """DDP for small models; FSDP2 (fully_shard per decoder layer, bf16 compute, fp32 reduce) for
     the 3B/4B backbones. FSDP2 with activation checkpointing is tested on CPU with gloo in fp32
@@ -599,9 +606,7 @@ def run(args, ddp, rank, world, device):
                 if ev:
                     print0("eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 meter.restart()  # throughput counts training only
-            if log:
-                log.write(data.json_line(rec))
-                log.flush()
+            log_line(log, rec)
             if step % args.save_every == 0 or step == max_steps or step == args.stop_at:
                 nxt and nxt.result()
                 save()

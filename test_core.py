@@ -5,6 +5,7 @@ random models, nothing downloaded.
     python -m pytest -q test_core.py               # everything (a few minutes on 2 cores)
     python -m pytest -q test_core.py -m "not slow" # the fast part
 """
+import ast
 import json
 import os
 import re
@@ -2004,7 +2005,6 @@ def test_estimate_prints_allocated_memory_flops_kernels_and_syncs():
 
 def our_imports(path, ours):
     """The files of ours that `path` imports, anywhere in it (an import inside a function counts too)."""
-    import ast
     names = set()
     for n in ast.walk(ast.parse(open(path).read())):
         if isinstance(n, ast.Import):
@@ -2015,7 +2015,6 @@ def our_imports(path, ours):
 
 
 def test_no_import_circle_and_no_function_over_80_lines():
-    import ast
     root = os.path.dirname(os.path.abspath(__file__))
     files = {f[:-3]: os.path.join(root, f) for f in os.listdir(root) if f.endswith(".py") and not f.startswith("test_")}
     deps = {m: our_imports(p, set(files)) - {m} for m, p in files.items()}
