@@ -164,50 +164,64 @@ def best_threshold(scores, labels):
 
 
 RUNS = [("CE", "sft-ce", False), ("CE, threshold tuned on val", "sft-ce", True), ("focal (Streamo)", "sft-focal", False),
-        ("CB-Stream", "sft-cb", False), ("CB-Stream + GRPO", "grpo", False)]
+        ("CB-Stream", "sft-cb", False), ("CB-Stream + GRPO", "grpo", False),
+        ("CB-Stream + SFT on GRPO's videos (control)", "control", False)]
+
+
+def run_values(res):
+    """The numbers the tables show for one results.json: dimension F1s, Avg, W-Avg, per level W-Avg, the level-2
+    tasks' F1 (the seven SPB tasks; levels 0-1 are OU too, so the task rows of the whole file mix levels),
+    response rate, and the ROC-AUC of p(</Response>) over all, over levels 0-1 and per level-2 task."""
+    sm = res["summary"]
+    lv = {int(k): m for k, m in sm.get("levels", {}).items()}  # JSON keys are strings
+    l2 = lv.get(2, sm)  # files without levels: their own tasks
+    out = {"PU": sm["dims"].get("PU", {}).get("f1"), "TR": sm["dims"].get("TR", {}).get("f1"),
+           "PA": sm["dims"].get("PA", {}).get("f1"), "Avg": sm["avg"], "W-Avg": sm["w_avg"],
+           "resp. rate": sm["response_rate"], "AUC": sm.get("auc"), "AUC L0–1": sm.get("auc_levels_01")}
+    out.update({f"L{k}": lv[k]["w_avg"] for k in lv})
+    for t in TASKS:
+        out[t] = l2["tasks"][t]["f1"] if t in l2["tasks"] else None
+        out[f"AUC {t}"] = l2.get("task_auc", {}).get(t)
+    return out
 
 
 def results_table(run_dirs, stem="test"):
-    """Markdown table over runs (one directory per seed, each with sft-ce, sft-focal, sft-cb, grpo
-    scored by `bench.py --model`): mean ± sample std over seeds, Avg of each seed (the seeds can differ
-    in kind, not only in degree), then the model-free baselines."""
+    """Markdown tables over runs (one directory per seed, each with sft-ce, sft-focal, sft-cb, grpo, control
+    scored by `bench.py --model`), mean ± sample std over seeds: the headline (with each seed's Avg: the
+    seeds can differ in kind, not only in degree), the level-2 tasks' F1, the ROC-AUC per task; then the
+    model-free baselines."""
     import glob
-    cols = ["PU", "TR", "PA", "Avg", "W-Avg", "L0", "L1", "L2", "resp. rate", "AUC"]
+    found = {}
+    for name, sub, tuned in RUNS:
+        pat = f"preds-{stem}-t*.results.json" if tuned else f"preds-{stem}.results.json"
+        files = [sorted(glob.glob(os.path.join(d, sub, pat)))[-1:] for d in run_dirs]
+        found[name] = [run_values(json.load(open(f[0]))) for f in files if f]
+    base = {b: run_values(json.load(open(p))) for b in ("oracle", "silent", "every-turn", "random")
+            if os.path.isfile(p := os.path.join("out", "bench", f"{stem}.{b}.preds.results.json"))}
 
-    def values(res):
-        sm = res["summary"]
-        f1 = lambda d: sm["dims"][d]["f1"] if d in sm["dims"] else None
-        lv = lambda k: sm.get("levels", {}).get(str(k), {}).get("w_avg")  # JSON keys are strings
-        return [f1("PU"), f1("TR"), f1("PA"), sm["avg"], sm["w_avg"], lv(0), lv(1), lv(2), sm["response_rate"], sm.get("auc"),
-                sm.get("auc_levels_01")]
-
-    def cell(xs, i):
+    def cell(xs, col):
         xs = [x for x in xs if x is not None]
         if not xs:
             return "-"
-        scale = 1 if cols[i] in ("resp. rate", "AUC") else 100
-        m = np.mean(xs) * scale
-        fmt = "{:.3f}" if scale == 1 else "{:.1f}"
-        return fmt.format(m) + (" ± " + fmt.format(np.std(xs, ddof=1) * scale) if len(xs) > 1 else "")
+        prob = col.startswith("AUC") or col == "resp. rate"  # shown as is; F1s x 100
+        fmt, m = ("{:.3f}", 1) if prob else ("{:.1f}", 100)
+        return fmt.format(np.mean(xs) * m) + (" ± " + fmt.format(np.std(xs, ddof=1) * m) if len(xs) > 1 else "")
 
-    lines = ["| model | " + " | ".join(cols) + " | Avg per seed | AUC L0–1 per seed |", "|---" * (len(cols) + 3) + "|"]
-    for name, sub, tuned in RUNS:
-        found = []
-        for d in run_dirs:
-            pat = f"preds-{stem}-t*.results.json" if tuned else f"preds-{stem}.results.json"
-            files = sorted(glob.glob(os.path.join(d, sub, pat)))
-            if files:
-                found.append(values(json.load(open(files[-1]))))
-        if found:
-            per_seed = " / ".join(f"{100 * f[3]:.1f}" for f in found)
-            auc01 = " / ".join("-" if f[-1] is None else f"{f[-1]:.2f}" for f in found)
-            lines.append(f"| {name} | " + " | ".join(cell([f[i] for f in found], i) for i in range(len(cols))) + f" | {per_seed} | {auc01} |")
-    for b in ("oracle", "silent", "every-turn", "random"):
-        path = os.path.join("out", "bench", f"{stem}.{b}.preds.results.json")
-        if os.path.isfile(path):
-            v = values(json.load(open(path)))
-            lines.append(f"| baseline: {b} | " + " | ".join(cell([v[i]], i) for i in range(len(cols))) + " | | |")
-    return "\n".join(lines)
+    def table(cols, per_seed=None, baselines=True):
+        extra = [f"{per_seed} per seed"] if per_seed else []
+        lines = ["| model | " + " | ".join(cols + extra) + " |", "|---" * (len(cols) + len(extra) + 1) + "|"]
+        for name, vals in found.items():
+            if vals:
+                seeds = [" / ".join("-" if v[per_seed] is None else f"{100 * v[per_seed]:.1f}" for v in vals)] if per_seed else []
+                lines.append(f"| {name} | " + " | ".join([cell([v.get(c) for v in vals], c) for c in cols] + seeds) + " |")
+        for b, v in base.items() if baselines else ():
+            lines.append(f"| baseline: {b} | " + " | ".join([cell([v.get(c)], c) for c in cols] + [""] * len(extra)) + " |")
+        return "\n".join(lines)
+
+    return "\n\n".join([table(["PU", "TR", "PA", "Avg", "W-Avg", "L0", "L1", "L2", "resp. rate", "AUC L0–1"], "Avg"),
+                         "F1 x 100 of the level-2 tasks (the seven StreamPro-Bench tasks):\n\n" + table(list(TASKS)),
+                         "ROC-AUC of p(</Response>) per task (0.5: chance):\n\n"
+                         + table(["AUC L0–1"] + [f"AUC {t}" for t in TASKS], baselines=False)])
 
 
 def by_level(samples, rows):
@@ -221,9 +235,10 @@ def by_level(samples, rows):
 
 def format_table(summary, missing=0):
     pct = lambda v: " " * 5 + "-" if v is None else f"{100 * v:6.1f}"
-    head = f"{'':6}{'n':>6}{'Time':>7}{'Acc':>7}{'Prec':>7}{'Rec':>7}{'F1':>7}"
+    auc = lambda v: f"{v:7.3f}" if v is not None else ""
+    head = f"{'':6}{'n':>6}{'Time':>7}{'Acc':>7}{'Prec':>7}{'Rec':>7}{'F1':>7}" + (f"{'AUC':>7}" if "task_auc" in summary else "")
     line = lambda name, m: f"{name:6}{m['n']:6d}" + "".join(pct(m[c]) for c in ("time", "acc", "precision", "recall", "f1"))
-    out = [head] + [line(t, m) for t, m in summary["tasks"].items()]
+    out = [head] + [line(t, m) + auc(summary.get("task_auc", {}).get(t)) for t, m in summary["tasks"].items()]
     if summary["dims"]:
         out += ["-" * len(head)] + [line(d, m) for d, m in summary["dims"].items()]
     out += ["-" * len(head), f"Overall Avg {pct(summary['avg']).strip()}   W-Avg {pct(summary['w_avg']).strip()}"
@@ -237,6 +252,10 @@ def format_table(summary, missing=0):
     out.append(f"samples {summary['n']} ({missing} missing from the predictions, scored as silent); "
                f"responses {summary['n_responses']}" + (f", response rate {rr:.3f} ({summary['n_turns']} turns "
                                                         "from the questions on)" if rr is not None else ""))
+    for lv, m in summary.get("levels", {}).items():
+        if len(m.get("task_auc", {})) > 1:
+            out.append(f"level {lv} per task, F1 / ROC-AUC: " + ", ".join(
+                f"{t} {100 * m['tasks'][t]['f1']:.1f} / " + ("-" if a is None else f"{a:.2f}") for t, a in m["task_auc"].items()))
     return "\n".join(out)
 
 
@@ -391,8 +410,10 @@ def score(samples, preds, preds_path, judge):
     summary["auc"] = roc_auc(scores, labels) if scores else None
     summary["levels"] = by_level(samples, rows)
     auc_of = lambda ss: (lambda v: None if np.isnan(v) else v)(roc_auc(*decision_scores(ss, preds_path)))  # null, not NaN, in JSON
-    for lv, m in summary["levels"].items():  # each level's own ROC-AUC, and the levels the CPU default trains on (0-1)
+    for lv, m in summary["levels"].items():  # each level's own ROC-AUC and its tasks', and levels 0-1's together
         m["auc"] = auc_of([s for s in samples if s.get("level") == lv])
+        m["task_auc"] = {t: auc_of([s for s in samples if s.get("level") == lv and s["task"] == t]) for t in m["tasks"]}
+    summary["task_auc"] = {t: auc_of([s for s in samples if s["task"] == t]) for t in summary["tasks"]}
     if summary["levels"]:
         summary["auc_levels_01"] = auc_of([s for s in samples if s.get("level") in (0, 1)])
     return rows, summary

@@ -150,6 +150,19 @@ def answer_end(a):
     return a["time"] if "time" in a else a["end"]
 
 
+def parse_filter(levels, tasks):
+    """--levels "0,1" and --tasks "EU,OU" as (levels, tasks) sets; '' (or None) = no filter."""
+    return ({int(x) for x in levels.split(",")} if levels else None), ({t.strip() for t in tasks.split(",")} if tasks else None)
+
+
+def select(samples, levels=None, tasks=None):
+    """The samples a stage trains on: level in `levels` and task in `tasks` (None = no filter on that
+    field). A sample without a level (real data) passes the level filter. Synthetic levels 0 and 1 are
+    OU samples, so the paper's SFT split is levels {0, 1, 2} x tasks {OU, EU, TP, TG}."""
+    return [s for s in samples if (levels is None or s.get("level") is None or s["level"] in levels)
+            and (tasks is None or s["task"] in tasks)]
+
+
 # -----------------------------------------------------------------------------
 # Video decoding (decord)
 

@@ -56,9 +56,10 @@ def get_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data", default=os.path.join(data.DEFAULT_DATA, "train.jsonl"))
     g.add_argument("--val", default=os.path.join(data.DEFAULT_DATA, "val.jsonl"))
-    # (ours) the CPU default trains on levels 0-1 (one task, OU) so the step budget goes to one skill;
-    # level 2 (the seven SPB tasks) stays in the test split as unseen tasks
-    g.add_argument("--levels", default="0,1", help="synthetic difficulty levels ('' = all samples)")
+    # The paper's RL tasks (StreamPro 4.3, B.2): EU, OU, AA, TP, TG, GP; RF is held out of SFT and RL.
+    # (ours) on the synthetic data they are level 2's; real data: --levels '' (and --tasks '' for every task)
+    g.add_argument("--levels", default="2", help="synthetic difficulty levels ('' = all)")
+    g.add_argument("--tasks", default="EU,OU,AA,TP,TG,GP", help="tasks to train on, with --levels ('' = all)")
     g.add_argument("--states", type=int, default=2, choices=[2, 3])
     g.add_argument("--fps", type=float, default=1.0)
     g.add_argument("--window", type=int, default=200)
@@ -367,10 +368,13 @@ def update(dmodel, ref, seqs, spare, n_train, args, fmt, never, engine, device, 
 
 
 def datasets(args):
-    """The training videos with their rubrics, and the validation ones (--levels: only these levels)."""
-    levels = [int(x) for x in args.levels.split(",")] if args.levels else None
-    pick = lambda ss: [s for s in ss if levels is None or s.get("level", levels[0]) in levels]
-    train = rewards.load_rubrics(args.data, pick(data.load_annotations(args.data)))
+    """The training videos with their rubrics, and the validation ones (--levels and --tasks: data.select)."""
+    pick = lambda ss: data.select(ss, *data.parse_filter(args.levels, args.tasks))
+    train = pick(data.load_annotations(args.data))
+    if not train:
+        raise SystemExit(f"{args.data}: no samples of --levels {args.levels!r} and --tasks {args.tasks!r} "
+                         "(pass --levels '' --tasks '' to take every sample)")
+    train = rewards.load_rubrics(args.data, train)
     val = pick(data.load_annotations(args.val))[: args.eval_samples] if args.val and os.path.isfile(args.val) else []  # --eval_samples 0: no eval
     return train, val
 

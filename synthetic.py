@@ -324,21 +324,29 @@ def _job(args):
             "answers": sorted(answers, key=lambda a: a.get("time", a.get("end"))), "duration": float(T), "level": level}
 
 
-def generate(out=DEFAULT_DATA, n_train=1200, n_val=120, n_test=210, levels=(0, 1, 2), seed=0,
-             min_dur=16, max_dur=40, size=56, video_fps=2, workers=2):
-    """Write {train,val,test}.jsonl and videos/ under `out`. Levels and tasks are assigned round-robin
-    so every split is balanced; deterministic from `seed`."""
+def plan(n, mix, levels=(0, 1, 2)):
+    """The (level, task) of each of a split's n samples: the levels in turn in proportion to `mix` (a weight
+    per level 0, 1, 2), and within level 2 its seven tasks in turn, so every split is balanced."""
+    cycle = [lv for lv in levels for _ in range(mix[lv])]
+    tasks = {lv: ["OU"] if lv < 2 else list(LEVEL2) for lv in levels}  # levels 0 and 1 are one task each
+    out, seen = [], dict.fromkeys(levels, 0)
+    for i in range(n):
+        lv = cycle[i % len(cycle)]
+        out.append((lv, tasks[lv][seen[lv] % len(tasks[lv])]))
+        seen[lv] += 1
+    return out
+
+
+def generate(out=DEFAULT_DATA, n_train=1200, n_val=350, n_test=350, levels=(0, 1, 2), seed=0,
+             min_dur=16, max_dur=40, size=56, video_fps=2, workers=2, train_mix=(1, 1, 1), eval_mix=(1, 1, 3)):
+    """Write {train,val,test}.jsonl and videos/ under `out`; deterministic from `seed`; samples as `plan`
+    assigns them. (ours) val and test weigh level 2 three times (mix 1, 1, 3: 70 / 70 / 210 samples of 350),
+    so each of its tasks has 30 samples, enough for a per-task score; train keeps one level in three."""
     os.makedirs(os.path.join(out, "videos"), exist_ok=True)
     cfg = dict(min_dur=min_dur, max_dur=max_dur, size=size, video_fps=video_fps)
-    kinds = [(lv, t) for lv in levels for t in (["OU"] if lv < 2 else list(TASK_TEXT)[2:])]
-    # level 0 and 1 are one task each; give every level the same share of samples
-    per_level = {lv: [k for k in kinds if k[0] == lv] for lv in levels}
-    jobs = []
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        for i in range(n):
-            lv = levels[i % len(levels)]
-            _, task = per_level[lv][(i // len(levels)) % len(per_level[lv])]
-            jobs.append((out, split, i, seed, lv, task, cfg))
+    jobs = [(out, split, i, seed, lv, task, cfg)
+            for split, n, mix in (("train", n_train, train_mix), ("val", n_val, eval_mix), ("test", n_test, eval_mix))
+            for i, (lv, task) in enumerate(plan(n, mix, levels))]
     with Pool(workers) as pool:
         rows = list(pool.imap(_job, jobs, chunksize=8))
     for split in ("train", "val", "test"):
@@ -400,24 +408,49 @@ def perception_pairs(n, seed=0, size=56, max_objects=2):
     return out
 
 
-def narration(n, seed=0, size=56, max_turns=8, p_change=0.4):
-    """(ours) n short frame streams for the tiny base, each turn captioned with what changed in it: turn k
+def narration(n, seed=0, size=56, max_turns=8, p_change=0.4, kinds=("colour", "move", "vanish", "flash"),
+              weights={"colour": 0.35, "move": 0.4, "vanish": 0.1, "flash": 0.15}):
+    """(ours) n short frame streams for the tiny base, each turn captioned with what happened in it: turn k
     is a 2-frame chunk (the frames at k - 0.5 s and k s, as data.load_video cuts them) and its caption is
-    "The {shape} turned {colour}." or "Nothing changed.". Answering every turn about its own chunk teaches
-    the LM to read the latest frame among several, which single-image pairs never ask for and streaming
-    needs at every decision (STUDY.md: tiny models)."""
+    "The {shape} turned {colour}.", "The {shape} moved {dir}." (every turn of a 1-3 s one-cell move),
+    "The {shape} vanished.", "There was a bright flash." (both turns that show the bright second) or
+    "Nothing changed.". Answering every turn about
+    its own chunk teaches the LM to read the latest frame among several, which single-image pairs never ask
+    for and streaming needs at every decision (STUDY.md: tiny models); the kinds of event are those the
+    level-2 tasks ask about (moves: EU, TP, TG, GP; vanishing and flashes: AA)."""
     rng = np.random.default_rng([*np.ravel(seed).tolist(), 11])
     out = []
     for _ in range(n):
         T = int(rng.integers(2, max_turns + 1))
-        sc = Scene(rng, T, size, int(rng.integers(1, 3)))
-        captions = ["Nothing changed."] * T
-        for k in range(1, T):
-            if rng.random() < p_change:
-                i = int(rng.integers(0, len(sc.obj)))
+        sc = Scene(rng, T, size, int(rng.integers(1, 4)))
+        captions, k = ["Nothing changed."] * T, 1
+        while k < T:
+            live = [i for i in range(len(sc.obj)) if sc.obj[i]["visible"][k]]
+            kind = str(rng.choice(kinds, p=[weights[x] for x in kinds] / np.sum([weights[x] for x in kinds]))) \
+                if rng.random() < p_change and live else None
+            i = int(rng.choice(live)) if live else 0
+            shape = sc.obj[i]["shape"]
+            if kind == "colour":
                 new = str(rng.choice([c for c in COLOURS if c != sc.obj[i]["colour"][k]]))
                 sc.set_colour(i, k, new)
-                captions[k] = f"The {sc.obj[i]['shape']} turned {new}."
+                captions[k] = f"The {shape} turned {new}."
+            elif kind == "vanish" and len(live) > 1:  # something stays on screen
+                sc.obj[i]["visible"][k:] = False
+                captions[k] = f"The {shape} vanished."
+            elif kind == "flash":  # second k is bright: the frames at k and k + 0.5, so turns k and k + 1 show it
+                sc.flash[k] = True
+                captions[k:k + 2] = ["There was a bright flash."] * len(captions[k:k + 2])
+                k += 1
+            elif kind == "move":  # from second k - 1 to e: the turns k .. e show it moving
+                e = min(T - 1, k - 1 + int(rng.integers(1, 4)))
+                (cx, cy), to = sc.cell_of(i, k - 1), lambda d: (cx + DIRS[d][0], cy + DIRS[d][1])
+                ds = [d for d in DIRS if sc.free(i, k - 1, e, *to(d))]
+                if ds:
+                    d = str(rng.choice(ds))
+                    sc.move(i, k - 1, e, *sc.cell_xy(*to(d)))
+                    captions[k:e + 1] = [f"The {shape} moved {d}."] * (e - k + 1)
+                    k = e
+            k += 1
         frames = np.stack([np.stack([sc.render(max(k - 0.5, 0.0)), sc.render(float(k))]) for k in range(T)])
         out.append({"frames": frames, "captions": captions})
     return out
@@ -444,9 +477,11 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=DEFAULT_DATA)
     p.add_argument("--n_train", type=int, default=1200)
-    p.add_argument("--n_val", type=int, default=120)
-    p.add_argument("--n_test", type=int, default=210)
+    p.add_argument("--n_val", type=int, default=350)
+    p.add_argument("--n_test", type=int, default=350)
     p.add_argument("--levels", default="0,1,2", help="comma-separated difficulty levels to mix")
+    p.add_argument("--train_mix", default="1,1,1", help="train: weights of levels 0, 1, 2")
+    p.add_argument("--eval_mix", default="1,1,3", help="val and test: weights of levels 0, 1, 2 (30 per level-2 task in 350)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min_dur", type=int, default=16)
     p.add_argument("--max_dur", type=int, default=40)
@@ -455,5 +490,6 @@ if __name__ == "__main__":
     a = p.parse_args(cli_args())
     t0 = time.time()
     rows = generate(a.out, a.n_train, a.n_val, a.n_test, tuple(int(x) for x in a.levels.split(",")), a.seed,
-                    a.min_dur, a.max_dur, a.size, workers=a.workers)
+                    a.min_dur, a.max_dur, a.size, workers=a.workers, train_mix=tuple(int(x) for x in a.train_mix.split(",")),
+                    eval_mix=tuple(int(x) for x in a.eval_mix.split(",")))
     print(f"wrote {len(rows)} samples to {a.out} in {time.time() - t0:.1f} s")

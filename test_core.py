@@ -211,6 +211,36 @@ def test_synthetic_splits_cover_all_tasks_and_are_deterministic(synth, tmp_path)
     assert open(tmp_path / "videos" / "test-00003.mp4", "rb").read() == open(synth / "videos" / "test-00003.mp4", "rb").read()
 
 
+def test_plan_gives_every_level2_task_30_samples_in_val_and_test():
+    import collections
+    import inspect
+    d = {k: v.default for k, v in inspect.signature(synthetic.generate).parameters.items()}
+    for n in (d["n_val"], d["n_test"]):
+        counts = collections.Counter(synthetic.plan(n, d["eval_mix"]))
+        assert min(counts[(2, t)] for t in data.TASKS) >= 30, counts
+    assert synthetic.plan(7, (1, 1, 3)) == [(0, "OU"), (1, "OU"), (2, "OU"), (2, "AA"), (2, "EU"), (0, "OU"), (1, "OU")]
+    assert synthetic.plan(4, (1, 1, 1), levels=(2,)) == [(2, "OU"), (2, "AA"), (2, "EU"), (2, "TP")]
+
+
+def test_task_filters_follow_the_papers_split():
+    import grpo
+    every = [{"level": lv, "task": "OU"} for lv in (0, 1)] + [{"level": 2, "task": t} for t in data.TASKS]
+    sees = lambda a: {(s["level"], s["task"]) for s in data.select(every, *data.parse_filter(a.levels, a.tasks))}
+    sft_split = {(0, "OU"), (1, "OU"), (2, "OU"), (2, "EU"), (2, "TP"), (2, "TG")}  # paper: EC AC EU OU TP TG
+    rl_split = {(2, t) for t in ("EU", "OU", "AA", "TP", "TG", "GP")}  # paper: EU OU AA TP TG GP
+    assert sees(sft.get_args([])) == sft_split and sees(grpo.get_args([])) == rl_split
+    # the pipeline's control continues SFT on GRPO's videos, the same split given to both
+    rl = re.search(r'^RL="(.*)"$', open(os.path.join(os.path.dirname(__file__), "pipeline.sh")).read(), re.M).group(1).split()
+    assert sees(sft.get_args(rl)) == sees(grpo.get_args(rl)) == rl_split
+    assert not any(t == "RF" for _, t in sft_split | rl_split)  # held out of both: tested only
+    # filters: '' = none; a sample without a level (real data) passes --levels, not --tasks
+    real = [{"task": "QA"}, {"task": "EU"}]
+    assert data.select(real, *data.parse_filter("0,1", "")) == real
+    assert data.select(real, *data.parse_filter("0,1", "EU, TP")) == real[1:]
+    assert data.select(every, *data.parse_filter("", "")) == every
+    assert data.select(every, *data.parse_filter("1", "")) == every[1:2]
+
+
 def test_show_cli(tiny, synth):
     out = run_py("model.py", "--show", "1", "--data", str(synth), "--model", tiny["qwen2_5_vl"])
     assert "turn   0 " in out and "[img x4]" in out and "\u27e6</Silence>\u27e7" in out and "supervised" in out
@@ -1404,8 +1434,8 @@ def response_rate(path, synth):
     """Teacher-forced: how often argmax at a decision position is </Response>, on training conversations."""
     model, processor = M.load(path)
     fmt = data.ChatFormat(processor, M.frames_per_turn(model))
-    args = sft.get_args([])
-    train = sft.StreamData(str(synth / "train.jsonl"), fmt, args, [0, 1])
+    args = sft.get_args(["--levels", "0,1"])
+    train = sft.StreamData(str(synth / "train.jsonl"), fmt, args)
     b = data.collate([train.encode(i) for i in range(len(train.samples))], processor.tokenizer.pad_token_id)
     logits = model(**data.model_inputs(b)).logits[:, :-1]
     cls = b["classes"][:, 1:]
