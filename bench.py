@@ -22,22 +22,21 @@ import json
 import math
 import os
 import random
-import sys
 import time
 
 import numpy as np
 from tqdm import tqdm
 
 import formats
-from data import INTERVAL_TASKS, TASKS, AnnotationError, answer_end, cli_args, load_annotations
-from metric import HTTPJudge, JudgeError, OfflineJudge, aggregate, roc_auc, score_sample
+from data import INTERVAL_TASKS, TASKS, UserError, answer_end, check_flags, cli_args, load_annotations, run_cli
+from metric import HTTPJudge, OfflineJudge, aggregate, roc_auc, score_sample
 
 DEFAULT_ANN = "data/synthetic/test.jsonl"
 # what `python bench.py` scores, the first that exists: `python grpo.py` / `python sft.py` outputs, then pipeline.sh's
 DEFAULT_MODELS = ("out/grpo", "out/sft-cb", "out/seed0/grpo", "out/seed0/sft-cb")
 
 
-class BenchError(ValueError):
+class BenchError(UserError):
     pass
 
 
@@ -234,6 +233,8 @@ def by_level(samples, rows):
 
 
 def format_table(summary, missing=0):
+    """The paper's table. Samples without predictions (scored as silent) are counted on the score line itself:
+    a zero there may be a video that never streamed, not a model that never spoke."""
     pct = lambda v: " " * 5 + "-" if v is None else f"{100 * v:6.1f}"
     auc = lambda v: f"{v:7.3f}" if v is not None else ""
     head = f"{'':6}{'n':>6}{'Time':>7}{'Acc':>7}{'Prec':>7}{'Rec':>7}{'F1':>7}" + (f"{'AUC':>7}" if "task_auc" in summary else "")
@@ -241,7 +242,8 @@ def format_table(summary, missing=0):
     out = [head] + [line(t, m) + auc(summary.get("task_auc", {}).get(t)) for t, m in summary["tasks"].items()]
     if summary["dims"]:
         out += ["-" * len(head)] + [line(d, m) for d, m in summary["dims"].items()]
-    out += ["-" * len(head), f"Overall Avg {pct(summary['avg']).strip()}   W-Avg {pct(summary['w_avg']).strip()}"
+    silent = f"   ({missing} of {summary['n']} samples have no predictions: scored as silent)" if missing else ""
+    out += ["-" * len(head), f"Overall Avg {pct(summary['avg']).strip()}   W-Avg {pct(summary['w_avg']).strip()}{silent}"
             "   (Avg: mean of the dimension F1s present; W-Avg: mean over samples)"]
     for lv, m in summary.get("levels", {}).items():
         out.append(f"level {lv}: n {m['n']}, W-Avg {pct(m['w_avg']).strip()}, Avg {pct(m['avg']).strip()}, "
@@ -356,6 +358,8 @@ def get_args(argv=None):
     ap.add_argument("--threshold", type=float, default=None, help="--model: respond when p(</Response>) >= this")
     ap.add_argument("--streams", type=int, default=8, help="--model: streams decoded together")
     ap.add_argument("--states", type=int, default=2, choices=[2, 3], help="--model: the format it was trained with")
+    ap.add_argument("--allow_failed", action="store_true", help="--model: score even when some samples failed to stream "
+                    "(scored as silent, said on the score line); without it such a run is an error")
     ap.add_argument("--calibrate", metavar="VAL.jsonl", help="--model: first pick the threshold that maximises turn-level "
                     "F1 of p(</Response>) on this split, then stream --ann with it")
     ap.add_argument("--table", nargs="+", metavar="RUN_DIR", help="print the results table of runs (one dir per seed)")
@@ -375,6 +379,22 @@ def get_args(argv=None):
     return ap.parse_args(cli_args(argv))
 
 
+def check_args(args):
+    """Flags that cannot work, named before anything is read or streamed."""
+    check_flags(args, positive=("streams", "judge_concurrency", "time_scoring"), fractions=("p", "threshold"))
+    if args.judge == "http" and not (args.judge_url and args.judge_model):
+        raise BenchError("--judge http needs --judge_url and --judge_model")
+    for d in args.table or []:  # (a wrong run folder would otherwise give a table of baselines alone)
+        if not os.path.isdir(d):
+            raise BenchError(f"--table {d}: no such run folder")
+    for flag in ("ann", "calibrate"):
+        if getattr(args, flag) and not os.path.isfile(getattr(args, flag)):
+            raise BenchError(f"--{flag} {getattr(args, flag)}: annotation file not found")
+    if args.model:
+        import model as M
+        M.check_model(args.model)
+
+
 def predictions(args, ann, samples):
     """The predictions file to score: a baseline's, the one given, or a checkpoint streamed over `ann`
     (infer.py; after --calibrate has picked its threshold on a validation split)."""
@@ -390,7 +410,7 @@ def predictions(args, ann, samples):
         raise BenchError("no checkpoint to benchmark: run `python sft.py` (then `python grpo.py`) first, "
                          "or give --model CKPT, --preds PREDS.jsonl or --baseline NAME")
     import infer
-    common = ["--model", model, "--streams", str(args.streams), "--states", str(args.states)]
+    common = ["--model", model, "--streams", str(args.streams), "--states", str(args.states)] + (["--allow_failed"] if args.allow_failed else [])
     if args.calibrate:
         val_preds = os.path.join(model, f"preds-{os.path.splitext(os.path.basename(args.calibrate))[0]}.jsonl")
         infer.predict_file(infer.get_args(common + ["--ann", args.calibrate, "--out", val_preds]))
@@ -398,9 +418,15 @@ def predictions(args, ann, samples):
         print(f"threshold {args.threshold:g}: the best turn-level F1 of p(</Response>) >= threshold on {args.calibrate}")
     stem = os.path.splitext(os.path.basename(ann))[0] + ("" if args.threshold is None else f"-t{args.threshold:g}")
     path = args.preds or os.path.join(model, f"preds-{stem}.jsonl")
+    if os.path.exists(results_path(path)):  # an earlier run's scores would outlive a stream that fails now
+        os.remove(results_path(path))
     iargs = common + ["--ann", ann, "--out", path]
     infer.predict_file(infer.get_args(iargs + (["--threshold", str(args.threshold)] if args.threshold is not None else [])))
     return path
+
+
+def results_path(preds_path):
+    return (preds_path[:-len(".jsonl")] if preds_path.endswith(".jsonl") else preds_path) + ".results.json"
 
 
 def score(samples, preds, preds_path, judge):
@@ -421,6 +447,7 @@ def score(samples, preds, preds_path, judge):
 
 def main(argv=None):
     args = get_args(argv)
+    check_args(args)
     if args.time_scoring:
         return time_scoring(args.time_scoring, args.seed)
     if args.table:
@@ -431,14 +458,14 @@ def main(argv=None):
     if not os.path.isfile(ann) and not args.ann:
         raise BenchError(f"{ann} not found: run `python synthetic.py` first, or pass --ann")
     samples = load_annotations(ann, check_videos=False)
+    if args.show and args.show not in {s["id"] for s in samples}:  # (before a model streams the whole file)
+        raise BenchError(f"{ann}: no sample with id {args.show!r}")
     preds_path = predictions(args, ann, samples)
     preds = load_preds(preds_path, samples)
     judge = make_judge(args, samples)
 
     if args.show:
-        s = next((s for s in samples if s["id"] == args.show), None)
-        if s is None:
-            raise BenchError(f"{ann}: no sample with id {args.show!r}")
+        s = next(s for s in samples if s["id"] == args.show)
         responses = preds.get(s["id"], [])
         text = timeline(s, responses, score_sample(s, responses, judge))
         print(text)
@@ -454,7 +481,7 @@ def main(argv=None):
     if args.rule == "streamingbench":
         results["streamingbench"] = formats.streamingbench_scores(samples, preds)
         print(formats.format_streamingbench(results["streamingbench"]))
-    out = (preds_path[:-len(".jsonl")] if preds_path.endswith(".jsonl") else preds_path) + ".results.json"
+    out = results_path(preds_path)
     with open(out, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {out}")
@@ -462,8 +489,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (BenchError, AnnotationError, JudgeError, formats.FormatError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -339,11 +339,16 @@ def estimate(name, frames, size, world=1):
           f"allocated; {tflop:.2f} TFLOP; {meter.kernels:,} kernels, {sum(meter.syncs.values())} host syncs (the decision's read-back included)")
 
 
-if __name__ == "__main__":
+def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=list(M.REAL), help="the released architecture (model.REAL), with no weights")
     p.add_argument("--frames", type=int, default=200, help="one-frame turns in the conversation")
     p.add_argument("--size", type=int, default=448, help="frame side in pixels, before the processor's resize")
     p.add_argument("--world", type=int, default=1, help="GPUs under FSDP")
     a = p.parse_args(data.cli_args())
+    data.check_flags(a, positive=("frames", "size", "world"))
     estimate(a.name, a.frames, a.size, a.world)
+
+
+if __name__ == "__main__":
+    data.run_cli(main)

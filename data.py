@@ -50,7 +50,12 @@ SYSTEM_PROMPT_3 = SYSTEM_PROMPT.replace(
 # Annotations (SPEC section 1): one JSON object per line
 
 
-class AnnotationError(ValueError):
+class UserError(ValueError):
+    """Bad input: a flag, a file, a line of one. Every command line answers it with one line, `error: ...`,
+    and exit status 2 (run_cli); any other exception is a bug and keeps its traceback."""
+
+
+class AnnotationError(UserError):
     pass
 
 
@@ -167,7 +172,7 @@ def select(samples, levels=None, tasks=None):
 # Video decoding (decord)
 
 
-class VideoError(RuntimeError):
+class VideoError(UserError, RuntimeError):  # (RuntimeError: what it was before UserError existed)
     pass
 
 
@@ -513,6 +518,35 @@ def cli_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     fix = lambda w: "--" + w[2:].split("=", 1)[0].replace("-", "_") + ("=" + w.split("=", 1)[1] if "=" in w else "")
     return [fix(w) if w.startswith("--") and len(w) > 2 else w for w in argv]
+
+
+def run_cli(main, *args):
+    """A command line's entry point: main(*args), where bad input (UserError, an OSError such as a missing or
+    unwritable file, an exit with a message) ends in one line on stderr, `error: ...`, and exit status 2, as
+    argparse ends bad usage. Nothing else is caught: a bug keeps its traceback. Under torchrun each rank that
+    stops says so and torchrun stops the others, so none waits at a barrier for it."""
+    try:
+        return main(*args)
+    except (UserError, OSError) as e:
+        msg = str(e)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            raise
+        msg = str(e.code)
+    print("error: " + "; ".join(line.strip() for line in msg.splitlines() if line.strip()), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def check_flags(args, positive=(), non_negative=(), fractions=()):
+    """Numeric flags that cannot work, named before any work starts (`--batch 0: must be > 0`) rather than
+    found steps later as an empty torch.cat or a modulo by zero. A flag left at None is not checked."""
+    rules = [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+             (fractions, lambda v: 0 <= v <= 1, "within [0, 1]")]
+    for names, ok, want in rules:
+        for name in names:
+            v = getattr(args, name)
+            if v is not None and not ok(v):  # (NaN fails every rule)
+                raise UserError(f"--{name} {v:g}: must be {want}")
 
 
 def fill_defaults(args, words, values):

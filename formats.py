@@ -49,11 +49,11 @@ import json
 import os
 import re
 
-from data import (RESPONSE, SILENCE, STANDBY, TASKS, AnnotationError, answer_end, build_conversation, cli_args,
-                  load_annotations, split_decision)
+from data import (RESPONSE, SILENCE, STANDBY, TASKS, UserError, answer_end, build_conversation, cli_args,
+                  load_annotations, run_cli, split_decision)
 
 
-class FormatError(ValueError):
+class FormatError(UserError):
     pass
 
 
@@ -354,9 +354,21 @@ def ovo_to_annotations(items):
     return out
 
 
-def from_ovo(src, dst):
+def read_list(src, what):
+    """A source file that must hold a JSON list of objects (OVO-Bench's and StreamingBench's are small)."""
     with open(src, encoding="utf-8") as f:
-        items = json.load(f)
+        try:
+            items = json.load(f)
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{src}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): expected {what}") from None
+    if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
+        raise FormatError(f"{src}: expected {what}, a JSON list of objects; got {type(items).__name__}"
+                          + (" holding other values" if isinstance(items, list) else ""))
+    return items
+
+
+def from_ovo(src, dst):
+    items = read_list(src, "OVO-Bench's items (ovo_bench_new.json)")
     anns = write_annotations(dst, ovo_to_annotations(items))
     counts = collections.Counter(a["task"] for a in anns)
     print(f"{dst}: " + ", ".join(f"{t} {counts[t]}" for t in ("REC", "SSR", "CRR")) + f" ({len(anns)} samples)")
@@ -398,8 +410,8 @@ def streamingbench_to_annotations(items, video_root=None):
 
 
 def from_streamingbench(src, dst, video_root=None):
-    with open(src, encoding="utf-8") as f:
-        anns = write_annotations(dst, streamingbench_to_annotations(json.load(f), video_root))  # 250 questions: small enough to load
+    items = read_list(src, "StreamingBench's entries (questions_proactive.json)")  # 250 questions: small enough to load
+    anns = write_annotations(dst, streamingbench_to_annotations(items, video_root))
     print(f"{dst}: {len(anns)} samples (one per question) from {src}")
     return len(anns)
 
@@ -441,6 +453,11 @@ def main(argv=None):
     p.add_argument("--video_root", help="the folder the source's video paths are relative to (Streamo: samples whose "
                    "video is not there are skipped and counted)")
     a = p.parse_args(cli_args(argv))
+    for flag in ("from_streamo", "from_ovo", "from_streamingbench"):
+        if getattr(a, flag) and not os.path.isfile(getattr(a, flag)):
+            raise FormatError(f"--{flag} {getattr(a, flag)}: file not found")
+    if a.from_streamo and a.video_root and not os.path.isdir(a.video_root):  # (else every sample is skipped, after a long read)
+        raise FormatError(f"--video_root {a.video_root}: no such folder")
     if a.from_streamo:
         return from_streamo(a.from_streamo, a.out, a.video_root)
     if a.from_ovo:
@@ -449,7 +466,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FormatError, AnnotationError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+    run_cli(main)

@@ -34,8 +34,8 @@ import infer
 import metric
 import model as M
 import rewards
-from sft import (autocast_for, batch_indices, clip_and_step, log_line, lr_at, print0, restore, resume_point, rng_state,
-                 set_grad_sync, wrap)
+from sft import (autocast_for, batch_indices, check_run, clip_and_step, log_line, lr_at, print0, restore, resume_point,
+                 rng_state, set_grad_sync, wrap)
 
 PRESETS = {  # SPEC section 5 (veRL + vLLM in the paper); (ours): micro-batch, eval cadence
     "qwen2.5-vl-3b": dict(lr=1e-6, batch=16, group=8, temperature=1.0, tau=8.0, max_steps=0, epochs=1, dtype="bfloat16",
@@ -110,6 +110,24 @@ def get_args(argv=None):
     if args.preset:  # a preset fills in what the command line did not give
         data.fill_defaults(args, words, PRESETS[args.preset])
     return args
+
+
+def check_args(args):
+    """Flags that cannot work, named before anything loads (every rank, before the process group forms)."""
+    data.check_flags(args, positive=("batch", "micro_batch", "max_new", "temperature", "fps", "chunk", "tau", "lr", "is_cap",
+                                     "mask_cap", "save_every", "log_every", "judge_concurrency"),
+                     non_negative=("window", "w_fmt", "w_turn", "w_traj", "eps", "eps_high", "kl", "grad_clip", "warmup",
+                                   "max_steps", "epochs", "stop_at", "eval_every", "eval_samples", "cache_gb"),
+                     fractions=("min_lr_ratio",))
+    if args.group < 2:
+        raise data.UserError(f"--group {args.group}: must be >= 2 (the advantages compare the trajectories of one video)")
+    check_run(args)
+    if args.judge == "http" and not (args.judge_url and args.judge_model):
+        raise data.UserError("--judge http needs --judge_url and --judge_model")
+    try:
+        M.check_model(args.model)
+    except data.UserError as e:
+        raise data.UserError(f"{e}: run `python sft.py` first (or pass --model)") from None
 
 
 # -----------------------------------------------------------------------------
@@ -527,13 +545,9 @@ class VLLMRollout:
 
 
 def main(args):
+    check_args(args)
     ddp, rank, world, device = M.setup_dist()
-    if args.batch % world:
-        raise SystemExit(f"--batch {args.batch} must be a multiple of the number of processes ({world})")
-    try:
-        start = M.resolve(args.model)
-    except FileNotFoundError as e:
-        raise SystemExit(f"--model: {e}: run `python sft.py` first (or pass --model)") from None
+    start = M.resolve(args.model)
     ckpt = resume_point(args, rank, ddp)
     model, processor = M.load(ckpt or start, device=device)
     fmt = data.ChatFormat(processor, M.frames_per_turn(model))
@@ -604,4 +618,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    data.run_cli(main, get_args())

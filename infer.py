@@ -17,6 +17,7 @@ the cache. Several streams advance together in one batched forward; a row whose 
 is padded, and its padding slots stay masked out for good.
 """
 import argparse
+import collections
 import json
 import math
 import os
@@ -334,10 +335,11 @@ def read_done(path):
 def predict_file(args):
     """Predictions for every sample of args.ann, written one JSON line per sample as soon as its
     stream ends; a rerun skips the ids already written; a sample that fails is reported (id, cause)
-    in PREDS.errors.jsonl and the others go on. Under torchrun each rank writes its shard, rank 0
-    merges."""
+    in PREDS.errors.jsonl and the others go on, then the run fails naming them (check_failures) unless
+    --allow_failed. Under torchrun each rank writes its shard, rank 0 merges."""
     import torch.distributed as dist
-    M.resolve(args.offline_model or args.model)  # a directory without a checkpoint is named before anything is written
+    # a directory without a checkpoint is named before anything is written
+    M.check_model(args.offline_model or args.model, "--offline_model" if args.offline_model else "--model")
     ddp, rank, world, device = M.setup_dist()
     samples = data.load_annotations(args.ann, check_videos=False)
     final = args.out
@@ -350,10 +352,6 @@ def predict_file(args):
         print(f"{args.ann}: {len(samples)} samples, {len(done)} already predicted, {len(todo)} to go on rank 0 of {world}")
     os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
     if todo and args.backend == "vllm":
-        if args.offline_model:
-            raise SystemExit("--offline_model (the Wait protocol) runs on the HF backend: drop --backend vllm")
-        if ddp:
-            raise SystemExit("--backend vllm runs in one process (vLLM spreads a model over GPUs itself): drop torchrun")
         run_batches(*vllm_runner(args, todo), todo, args, shard, rank)
     elif todo:
         model, processor = load_model(args, device)
@@ -377,8 +375,44 @@ def predict_file(args):
             for r in range(world):
                 if os.path.exists(f"{final}.rank{r}"):
                     os.remove(f"{final}.rank{r}")
-    M.teardown_dist(ddp)
+    M.teardown_dist(ddp)  # (all ranks leave together first: an error on rank 0 below leaves no rank waiting)
+    if rank == 0:
+        check_failures(samples, final, getattr(args, "allow_failed", False))
     return final
+
+
+def errors_path(preds):
+    """PREDS.errors.jsonl: why each sample without a prediction failed (one file for all the ranks' shards)."""
+    return os.path.splitext(preds.split(".rank")[0])[0] + ".errors.jsonl"
+
+
+def check_failures(samples, path, allow_failed=False):
+    """After a run, the samples that have no prediction in `path`: PREDS.errors.jsonl is rewritten to hold
+    each one's latest error (removed when none is left, so a rerun that streams them leaves no stale one).
+    Any such sample ends the run with one line, how many of how many, grouped by reason, unless
+    --allow_failed: then it is a warning and bench.py scores them as silent, saying so on its score line.
+    The predictions that did stream stay: a rerun keeps them and retries only the failed samples."""
+    from metric import read_jsonl
+    errors, done = errors_path(path), read_done(path)
+    why = {r["id"]: r for r in read_jsonl(errors) if isinstance(r, dict) and "id" in r}
+    failed = [why.get(s["id"], {"id": s["id"], "reason": "no prediction", "error": "not streamed"}) for s in samples if s["id"] not in done]
+    if not failed:
+        if os.path.exists(errors):
+            os.remove(errors)
+        return
+    with open(errors + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in failed)
+    os.replace(errors + ".tmp", errors)
+    first = {}  # the first sample of each reason, for the message
+    for r in failed:
+        first.setdefault(r["reason"], r)
+    counts = collections.Counter(r["reason"] for r in failed)
+    msg = (f"{len(failed)} of {len(samples)} samples failed to stream ("
+           + "; ".join(f"{r}: {c}, e.g. {first[r]['id']} {first[r].get('video', '')}".rstrip() for r, c in counts.most_common())
+           + f"); their errors are in {errors}, the {len(done)} predictions made in {path}")
+    if not allow_failed:
+        raise data.UserError(f"{msg}; rerun to stream the failed ones (the others are kept), or pass --allow_failed to score them as silent")
+    print(f"warning: {msg}; --allow_failed: bench.py scores them as silent", file=sys.stderr, flush=True)
 
 
 def run_batches(run, fmt, todo, args, path, rank=0):
@@ -387,7 +421,7 @@ def run_batches(run, fmt, todo, args, path, rank=0):
     A video that cannot be read is reported and skipped; one whose times disagree with its annotation is
     warned about (data.check_video_times). Ends with the per-turn latency and streams per second."""
     from tqdm import tqdm
-    errors = os.path.splitext(path.split(".rank")[0])[0] + ".errors.jsonl"
+    errors = errors_path(path)
     bar = tqdm(total=len(todo), desc=f"streams (rank {rank})", file=sys.stdout)
     latency, t0, n = [], time.time(), 0
     with open(path, "a", encoding="utf-8") as f:
@@ -401,8 +435,9 @@ def run_batches(run, fmt, todo, args, path, rank=0):
                     batch.append((s, frames))
                 except data.VideoError as e:
                     print(f"sample {s['id']}: {e}", file=sys.stderr)
+                    reason = str(e).removeprefix(s["video_path"] + ": ").split(" (")[0]  # what check_failures groups by
                     with open(errors, "a") as g:
-                        g.write(json.dumps({"id": s["id"], "error": str(e)}) + "\n")
+                        g.write(json.dumps({"id": s["id"], "video": s["video_path"], "reason": reason, "error": str(e)}) + "\n")
                     bar.update(1)
             if not batch:
                 continue
@@ -597,18 +632,46 @@ def get_args(argv=None):
                    help="let the model respond before the question is asked (default: forced silence)")
     p.add_argument("--speed", action="store_true", help="latency/memory benchmark on the tiny model")
     p.add_argument("--speed_turns", type=int, default=300)
+    p.add_argument("--allow_failed", action="store_true", help="--ann: samples whose video fails are left out (bench.py "
+                   "scores them as silent) instead of failing the run")
     return p.parse_args(data.cli_args(argv))
 
 
+def check_args(args):
+    """Flags that cannot work, named before a model loads: sizes, files that exist, --ask_at within the video."""
+    data.check_flags(args, positive=("fps", "chunk", "streams", "max_new"), non_negative=("window",), fractions=("threshold",))
+    if args.speed:
+        if args.speed_turns < 181:
+            raise data.UserError(f"--speed_turns {args.speed_turns}: must be >= 181 (the comparison is at turn 180)")
+        return
+    if not (args.ann or args.video):
+        raise data.UserError("give --ann ANN.jsonl, --video FILE --question TEXT, or --speed")
+    if args.video and not args.question:
+        raise data.UserError("--video needs --question")
+    if args.backend == "vllm" and args.offline_model:
+        raise data.UserError("--offline_model (the Wait protocol) runs on the HF backend: drop --backend vllm")
+    if args.backend == "vllm" and int(os.environ.get("RANK", -1)) != -1:
+        raise data.UserError("--backend vllm runs in one process (vLLM spreads a model over GPUs itself): drop torchrun")
+    M.check_model(args.offline_model or args.model, "--offline_model" if args.offline_model else "--model")
+    if args.video:
+        try:
+            seconds = data.video_duration(args.video)
+        except data.VideoError as e:
+            raise data.UserError(f"--video {e}") from None
+        if not 0 <= args.ask_at < seconds:  # (a question after the last frame is never asked: 0 responses, no word)
+            raise data.UserError(f"--ask_at {args.ask_at:g}: must be within the video, 0 <= t < {seconds:.1f} s ({args.video})")
+    elif not os.path.isfile(args.ann):
+        raise data.UserError(f"--ann {args.ann}: annotation file not found")
+
+
 def main(args):
+    check_args(args)
     if args.speed:
         if args.window == 200:
             args.window, args.chunk = 50, 25  # W=50 over 300 turns; rebuild every W/2 turns
         return speed(args)
     if args.video:
         return watch(args)
-    if not args.ann:
-        sys.exit("give --ann ANN.jsonl, --video FILE --question TEXT, or --speed")
     args.out = args.out or os.path.join(args.offline_model or args.model, f"preds-{os.path.basename(args.ann).rsplit('.', 1)[0]}.jsonl")
     path = predict_file(args)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -617,8 +680,6 @@ def main(args):
 
 def watch(args):
     """Stream one video and print each response as it happens."""
-    if not args.question:
-        sys.exit("--video needs --question")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = load_model(args, device)
     fmt = data.ChatFormat(processor, M.frames_per_turn(model))
@@ -642,7 +703,4 @@ def watch(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except (FileNotFoundError, data.AnnotationError, data.VideoError) as e:
-        sys.exit(f"error: {e}")
+    data.run_cli(main, get_args())

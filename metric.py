@@ -18,7 +18,7 @@ import urllib.request
 
 import numpy as np
 
-from data import INTERVAL_TASKS, TASKS
+from data import INTERVAL_TASKS, TASKS, UserError
 
 # -----------------------------------------------------------------------------
 # Timing table (SPEC section 3). The window is [t_opt_start - before, t_opt_end + after], both ends inclusive.
@@ -277,7 +277,7 @@ class OfflineJudge:
 # OpenAI-compatible chat client: retries, on-disk cache, thread pool. Used by HTTPJudge and rewards.py.
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):  # an endpoint that fails after the retries: a URL, a key, a server to fix
     pass
 
 

@@ -110,6 +110,15 @@ def resolve(path):
     raise FileNotFoundError(f"{path} holds no checkpoint (no config.json); it holds: {held}{cut}")
 
 
+def check_model(path, flag="--model"):
+    """resolve(path) for a flag checked before any work starts: a missing directory, or one without a
+    checkpoint, is bad input that names the flag."""
+    try:
+        return resolve(path)
+    except FileNotFoundError as e:
+        raise data.UserError(f"{flag} {e}") from None
+
+
 def window_attention(module, q, k, v, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None,
                      attention_plans=None, **kw):
     """The vision tower's attention over its windows (Qwen2.5-VL) or frames (Qwen3-VL), listed by
@@ -604,7 +613,10 @@ def show(n, root, split, states, fps, path=None):
     benchmark and the tiny model are made first where they are missing."""
     if root == data.DEFAULT_DATA:
         synthetic.ensure(root)
-    s = data.load_annotations(os.path.join(root, f"{split}.jsonl"))[n]
+    samples = data.load_annotations(os.path.join(root, f"{split}.jsonl"))
+    if n >= len(samples):
+        raise data.UserError(f"--show {n}: {root}/{split}.jsonl has {len(samples)} samples (0 to {len(samples) - 1})")
+    s = samples[n]
     path = path or ensure_tiny()
     processor = Processor.from_pretrained(path)
     add_decision_tokens(None, processor.tokenizer)
@@ -617,7 +629,7 @@ def show(n, root, split, states, fps, path=None):
     data.show(fmt.encode(data.build_conversation(s, len(frames), fps, states), frames), processor.tokenizer)
 
 
-if __name__ == "__main__":
+def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tiny", choices=["qwen2_5_vl", "qwen3_vl"])
@@ -633,8 +645,8 @@ if __name__ == "__main__":
     p.add_argument("--model", default=None, help="--show: tokenizer/processor to use (default: the tiny Qwen2.5-VL, built if missing)")
     a = p.parse_args(cli_args())
     if a.show is not None:
-        show(a.show, a.data, a.split, a.states, a.fps, a.model)
-        raise SystemExit
+        data.check_flags(a, positive=("fps",), non_negative=("show",))
+        return show(a.show, a.data, a.split, a.states, a.fps, a.model and check_model(a.model))
     if a.random:
         torch.manual_seed(a.seed)
         out = build_random(a.random, a.out or f"out/random-{a.random}")
@@ -645,3 +657,7 @@ if __name__ == "__main__":
     n = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors"))
     print(f"wrote {out}: {cfg['model_type']}, text hidden {cfg['text_config']['hidden_size']} x {cfg['text_config']['num_hidden_layers']} "
           f"layers, vocabulary rows {cfg['text_config']['vocab_size']}, weights {n / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    data.run_cli(main)

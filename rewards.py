@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 
-from data import DECISION_TOKENS, RESPONSE, SILENCE, STANDBY, answer_end, cli_args, load_annotations
+from data import DECISION_TOKENS, RESPONSE, SILENCE, STANDBY, answer_end, check_flags, cli_args, load_annotations, run_cli
 from metric import DIMENSIONS, EPS, ChatClient, JudgeError, ReplyError, accuracy, extract_json, read_jsonl
 
 END_OF_TURN = "<|im_end|>"  # Qwen's end-of-turn token; decoded step outputs may still carry it
@@ -338,7 +338,7 @@ def load_rubrics(ann_path, samples):
     return samples
 
 
-if __name__ == "__main__":
+def main():
     ap = argparse.ArgumentParser(description="Write per-sample trajectory rubrics (SPEC section 4).")
     ap.add_argument("--make_rubrics", metavar="ANN.jsonl", required=True, help="annotation file")
     ap.add_argument("--offline", action="store_true", help="write offline_rubric items (slot answers, no LLM)")
@@ -347,9 +347,14 @@ if __name__ == "__main__":
     ap.add_argument("--api_key_env", default="OPENAI_API_KEY", help="env var holding the API key (may be unset)")
     ap.add_argument("--concurrency", type=int, default=8)
     args = ap.parse_args(cli_args())
+    check_flags(args, positive=("concurrency",))
     if not args.offline and not (args.judge_url and args.judge_model):
         ap.error("give --judge_url and --judge_model, or --offline")
     client = None if args.offline else ChatClient(args.judge_url, args.judge_model, args.api_key_env,
                                                   concurrency=args.concurrency)
     _, failed = make_rubrics(args.make_rubrics, client)
-    sys.exit(1 if failed else 0)
+    return 1 if failed else 0  # (each failed sample is named above; a rerun retries only those)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -113,6 +113,37 @@ def get_args(argv=None):
     return args
 
 
+def check_args(args):
+    """Flags that cannot work, named before anything loads. Every rank runs this before the process group
+    forms, so a bad flag stops all of them alike and none waits at a barrier for the others."""
+    data.check_flags(args, positive=("batch", "micro_batch", "lr", "fps", "save_every", "log_every"),
+                     non_negative=("max_steps", "epochs", "stop_at", "warmup", "window", "eval_every", "eval_samples",
+                                   "grad_clip", "weight_decay", "gamma", "lambda_text", "cache_gb", "projector_lr"),
+                     fractions=("narration", "beta", "min_lr_ratio"))
+    check_run(args, files=args.stage == "stream")
+    if args.model and not (args.resume and M.latest(args.out)):
+        M.check_model(args.model)
+
+
+def check_run(args, files=True):
+    """What both trainers check before anything loads (grpo.py too): the batch over the processes, something
+    to train, --levels, and that a --data or --val given exists (the default synthetic files are made on
+    first use; a --val with a typo would otherwise train without evaluation, without a word)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch % world:
+        raise data.UserError(f"--batch {args.batch}: must be a multiple of the number of processes ({world})")
+    if not args.max_steps and not args.epochs:
+        raise data.UserError("--max_steps 0 and --epochs 0: nothing to train")
+    try:
+        [int(x) for x in args.levels.split(",")] if args.levels else None
+    except ValueError:
+        raise data.UserError(f"--levels {args.levels}: expected levels such as 0,1 ('' for all samples)") from None
+    for flag in ("data", "val") if files else ():
+        path = getattr(args, flag)
+        if path and not path.startswith(data.DEFAULT_DATA) and not os.path.isfile(path):
+            raise data.UserError(f"--{flag} {path}: annotation file not found" + (" (--val '': no evaluation)" if flag == "val" else ""))
+
+
 # -----------------------------------------------------------------------------
 # Pure helpers
 
@@ -174,7 +205,7 @@ class StreamData:
                 return self.fmt.encode(conv, frames, self.args.window)
             except (data.VideoError, ValueError, RuntimeError) as e:
                 if not self.args.skip_bad:
-                    raise SystemExit(f"sample {s['id']} ({s['video_path']}): {e}\nrerun with --skip_bad to skip such samples")
+                    raise data.UserError(f"sample {s['id']} ({s['video_path']}): {e}; rerun with --skip_bad to skip such samples")
                 print(f"skipping sample {s['id']}: {e}", flush=True)
                 self.bad.add(s["id"])
         raise SystemExit("no sample could be loaded")
@@ -532,10 +563,9 @@ class Meter:
 
 
 def main(args):
+    check_args(args)
     ddp, rank, world, device = M.setup_dist()
     torch.manual_seed(args.seed + rank)
-    if args.batch % world:
-        raise SystemExit(f"--batch {args.batch} must be a multiple of the number of processes ({world})")
     if rank == 0:  # the default pipeline makes what it needs: synthetic data, tiny random model
         if args.data.startswith(data.DEFAULT_DATA):
             import synthetic
@@ -626,4 +656,4 @@ def run(args, ddp, rank, world, device):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    data.run_cli(main, get_args())

@@ -27,7 +27,7 @@ from multiprocessing import Pool
 
 import numpy as np
 
-from data import DEFAULT_DATA, SYSTEM_PROMPT, SYSTEM_PROMPT_3, cli_args, time_marker
+from data import DEFAULT_DATA, SYSTEM_PROMPT, SYSTEM_PROMPT_3, UserError, check_flags, cli_args, run_cli, time_marker
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
 SHAPES = ("square", "circle", "triangle")
@@ -473,7 +473,7 @@ def corpus():
     return lines
 
 
-if __name__ == "__main__":
+def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=DEFAULT_DATA)
     p.add_argument("--n_train", type=int, default=1200)
@@ -488,8 +488,22 @@ if __name__ == "__main__":
     p.add_argument("--size", type=int, default=56, help="frame side in pixels")
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(cli_args())
+    check_args(a)
     t0 = time.time()
     rows = generate(a.out, a.n_train, a.n_val, a.n_test, tuple(int(x) for x in a.levels.split(",")), a.seed,
                     a.min_dur, a.max_dur, a.size, workers=a.workers, train_mix=tuple(int(x) for x in a.train_mix.split(",")),
                     eval_mix=tuple(int(x) for x in a.eval_mix.split(",")))
     print(f"wrote {len(rows)} samples to {a.out} in {time.time() - t0:.1f} s")
+
+
+def check_args(a):
+    """Flags that cannot work, named before any video is drawn."""
+    check_flags(a, positive=("min_dur", "size", "workers"), non_negative=("n_train", "n_val", "n_test"))
+    if a.max_dur < a.min_dur:
+        raise UserError(f"--max_dur {a.max_dur}: must be >= --min_dur {a.min_dur}")
+    if not set(a.levels.split(",")) <= {"0", "1", "2"}:
+        raise UserError(f"--levels {a.levels}: expected levels among 0,1,2 (comma-separated)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -49,8 +49,8 @@ def make_engine(path, fmt, dtype, max_len, images, seed=0, colocated=False, logp
     from vllm import LLM
     from vllm.platforms import current_platform
     if fmt.frames_per_turn != 1:  # checked before the engine takes the GPU
-        raise SystemExit("the vLLM backend sends one image per turn: it does not support 2-frame turns "
-                         "(build a tiny model with `python model.py --tiny FAMILY --frames_per_turn 1`)")
+        raise data.UserError("the vLLM backend sends one image per turn: it does not support 2-frame turns "
+                             "(build a tiny model with `python model.py --tiny FAMILY --frames_per_turn 1`)")
     kw = {}
     if colocated:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: push_weights hands it tensors
