@@ -390,7 +390,7 @@ def datasets(args):
     pick = lambda ss: data.select(ss, *data.parse_filter(args.levels, args.tasks))
     train = pick(data.load_annotations(args.data))
     if not train:
-        raise SystemExit(f"{args.data}: no samples of --levels {args.levels!r} and --tasks {args.tasks!r} "
+        raise data.UserError(f"{args.data}: no samples of --levels {args.levels!r} and --tasks {args.tasks!r} "
                          "(pass --levels '' --tasks '' to take every sample)")
     train = rewards.load_rubrics(args.data, train)
     val = pick(data.load_annotations(args.val))[: args.eval_samples] if args.val and os.path.isfile(args.val) else []  # --eval_samples 0: no eval

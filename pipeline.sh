@@ -2,8 +2,11 @@
 # The whole default pipeline on a CPU, offline: synthetic benchmark -> tiny base VLM (offline perception
 # stage, then the narrate stage, where it learns to watch a frame stream) -> streaming SFT with CE, focal
 # and CB-Stream at the same budget and seed -> GRPO from CB-Stream -> StreamPro-F1 of every model on the
-# synthetic test split (free-running streaming decoding), plus the calibration control (CE with its
-# threshold tuned on val) and the model-free baselines -> results table.
+# synthetic test split (free-running streaming decoding), plus two controls (CE with its threshold tuned
+# on val; CB-Stream SFT continued on GRPO's videos and labels) and the model-free baselines -> results table.
+#
+# The paper's task split (StreamPro 4.3, B.2): SFT on levels 0-1 and level 2's OU, EU, TP, TG (sft.py's
+# defaults), GRPO on level 2's EU, OU, AA, TP, TG, GP (RL below, grpo.py's defaults), RF in neither.
 #
 #   bash pipeline.sh            # one seed (0): 32 minutes on 2 cores; run it alone (STUDY.md: wall time)
 #   bash pipeline.sh 0 1 2      # three seeds, then mean ± std: 90 minutes
@@ -14,6 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 seeds=("${@:-0}")
+RL="--levels 2 --tasks EU,OU,AA,TP,TG,GP"  # GRPO's videos, and its control's (test_core.py holds them equal)
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 
 # One stage: its output goes to its own log; the console gets one line when it starts.

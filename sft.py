@@ -127,7 +127,7 @@ def check_args(args):
 
 def check_run(args, files=True):
     """What both trainers check before anything loads (grpo.py too): the batch over the processes, something
-    to train, --levels, and that a --data or --val given exists (the default synthetic files are made on
+    to train, --levels and --tasks, and that a --data or --val given exists (the default synthetic files are made on
     first use; a --val with a typo would otherwise train without evaluation, without a word)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch % world:
@@ -135,7 +135,7 @@ def check_run(args, files=True):
     if not args.max_steps and not args.epochs:
         raise data.UserError("--max_steps 0 and --epochs 0: nothing to train")
     try:
-        [int(x) for x in args.levels.split(",")] if args.levels else None
+        data.parse_filter(args.levels, args.tasks)
     except ValueError:
         raise data.UserError(f"--levels {args.levels}: expected levels such as 0,1 ('' for all samples)") from None
     for flag in ("data", "val") if files else ():
@@ -176,7 +176,7 @@ class StreamData:
     def __init__(self, path, fmt, args):
         samples = data.select(data.load_annotations(path), *data.parse_filter(args.levels, args.tasks))
         if not samples:
-            raise SystemExit(f"{path}: no samples of --levels {args.levels!r} and --tasks {args.tasks!r} "
+            raise data.UserError(f"{path}: no samples of --levels {args.levels!r} and --tasks {args.tasks!r} "
                              "(pass --levels '' --tasks '' to take every sample)")
         self.samples, self.fmt, self.args = samples, fmt, args
         self.cache, self.cache_bytes, self.bad = OrderedDict(), 0, set()

@@ -503,6 +503,10 @@ def check_args(a):
         raise UserError(f"--max_dur {a.max_dur}: must be >= --min_dur {a.min_dur}")
     if not set(a.levels.split(",")) <= {"0", "1", "2"}:
         raise UserError(f"--levels {a.levels}: expected levels among 0,1,2 (comma-separated)")
+    for flag in ("train_mix", "eval_mix"):
+        w = getattr(a, flag).split(",")
+        if len(w) != 3 or not all(x.isdigit() for x in w) or not any(int(w[int(lv)]) for lv in a.levels.split(",")):
+            raise UserError(f"--{flag} {getattr(a, flag)}: expected three weights (levels 0, 1, 2) such as 1,1,3, one of --levels' above 0")
 
 
 if __name__ == "__main__":

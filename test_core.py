@@ -222,7 +222,7 @@ def test_plan_gives_every_level2_task_30_samples_in_val_and_test():
     assert synthetic.plan(4, (1, 1, 1), levels=(2,)) == [(2, "OU"), (2, "AA"), (2, "EU"), (2, "TP")]
 
 
-def test_task_filters_follow_the_papers_split():
+def test_task_filters_follow_the_papers_split(synth):
     import grpo
     every = [{"level": lv, "task": "OU"} for lv in (0, 1)] + [{"level": 2, "task": t} for t in data.TASKS]
     sees = lambda a: {(s["level"], s["task"]) for s in data.select(every, *data.parse_filter(a.levels, a.tasks))}
@@ -230,9 +230,14 @@ def test_task_filters_follow_the_papers_split():
     rl_split = {(2, t) for t in ("EU", "OU", "AA", "TP", "TG", "GP")}  # paper: EU OU AA TP TG GP
     assert sees(sft.get_args([])) == sft_split and sees(grpo.get_args([])) == rl_split
     # the pipeline's control continues SFT on GRPO's videos, the same split given to both
-    rl = re.search(r'^RL="(.*)"$', open(os.path.join(os.path.dirname(__file__), "pipeline.sh")).read(), re.M).group(1).split()
+    rl = re.search(r'^RL="([^"]*)"', open(os.path.join(os.path.dirname(__file__), "pipeline.sh")).read(), re.M).group(1).split()
     assert sees(sft.get_args(rl)) == sees(grpo.get_args(rl)) == rl_split
     assert not any(t == "RF" for _, t in sft_split | rl_split)  # held out of both: tested only
+    # ... and in GRPO's order: the same samples, so batch_indices gives both the same videos step by step
+    files = ["--data", str(synth / "train.jsonl"), "--val", ""]
+    control = sft.StreamData(str(synth / "train.jsonl"), None, sft.get_args(rl + files))
+    assert [s["id"] for s in control.samples] == [s["id"] for s in grpo.datasets(grpo.get_args(rl + files))[0]]
+    assert {s["task"] for s in control.samples} <= {t for _, t in rl_split}
     # filters: '' = none; a sample without a level (real data) passes --levels, not --tasks
     real = [{"task": "QA"}, {"task": "EU"}]
     assert data.select(real, *data.parse_filter("0,1", "")) == real
