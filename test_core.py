@@ -312,6 +312,21 @@ def test_two_frame_chunk_fills_the_vits_temporal_patch(tiny, family):
     assert n == [4] and grid.tolist() == [[1] + grid[0, 1:].tolist()]  # one temporal step: one image placeholder
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_images_table_gives_the_processors_values_bit_for_bit(tiny, family):
+    """ChatFormat.images runs the image processor once per frame size, then reads a 3 x 256 table (_table): the
+    same pixel values bit for bit, one- and two-frame chunks; a size the processor resizes keeps the processor."""
+    _, processor = M.load(tiny[family])
+    rng = np.random.default_rng(0)
+    for fpt in (1, 2):
+        fmt = data.ChatFormat(processor, fpt)
+        for size in [(56, 56), (64, 96), (112, 56), (50, 60)]:
+            x = rng.integers(0, 256, (3, fpt, *size, 3), dtype=np.uint8)
+            got, want = fmt.images(x), fmt._processed(x)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
+            assert (fmt._tables[size] is not None) == (size[0] % fmt.factor == 0 and size[1] % fmt.factor == 0)
+
+
 def test_decision_tokens_are_added_as_single_tokens(tiny):
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny["qwen2_5_vl"])
