@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import compiled
 import data
 import model as M
 
@@ -255,8 +256,9 @@ def sft_step(model, fmt, frames):
     return meter, first, item
 
 
-def streamed_turn(model, fmt, turns=3, rows=1):
-    """Silent turns of infer.Streams (a frame, a decision, its end of turn); the last one is measured."""
+def streamed_turn(model, fmt, turns=3, rows=1, turn=None):
+    """Silent turns of infer.Streams (a frame, a decision, its end of turn); the last one is measured.
+    turn: a compiled.StaticTurn (infer.py --compile) to run them through."""
     import infer
     model.eval()
     frame = np.zeros((1, 8, 8, 3), np.uint8)
@@ -265,7 +267,7 @@ def streamed_turn(model, fmt, turns=3, rows=1):
         meter.track(t)
     policy, sil = infer.Greedy(fmt, 2), [fmt.decision_ids[data.SILENCE], fmt.eos_id]
     with simulated_gpu(meter), torch.no_grad():
-        S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, rows, 200, 50)
+        S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, rows, 200, 50, turn=turn)
         for k in range(turns):
             meter.reset()
             logits = S.observe([(frame, data.time_marker(k), "Tell me when it moves." if k == 1 else None)] * rows)
@@ -337,6 +339,11 @@ def estimate(name, frames, size, world=1):
     tflop = (2 * n_lm * turn_tokens + 4 * layers * width * turn_tokens * L + 2 * n_vit * int(grid[0].prod())) / 1e12
     print(f"  streamed turn (silent, one stream, KV cache of {L} tokens, whole model on one GPU): peak {meter.peak / GIB:.2f} GiB "
           f"allocated; {tflop:.2f} TFLOP; {meter.kernels:,} kernels, {sum(meter.syncs.values())} host syncs (the decision's read-back included)")
+    meter, S = streamed_turn(model, fmt, turn=compiled.StaticTurn(model, 1, backend=None))
+    print(f"  the same turn through compiled.StaticTurn (infer.py --compile), uncompiled (torch.compile does not run on the meta "
+          f"device): {sum(meter.syncs.values())} host sync, the decision's read-back, none inside the forward (so one CUDA graph "
+          f"can hold it); {meter.kernels:,} kernels before inductor fuses them; static KV cache of {S.mask.shape[1] - 1:,} "
+          f"positions (--window 200 --chunk 50): peak {meter.peak / GIB:.2f} GiB allocated")
 
 
 if __name__ == "__main__":

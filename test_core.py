@@ -1318,6 +1318,49 @@ def test_cached_turns_equal_full_forward_batched_and_after_rebuild(tiny, family)
     assert S.ctx[0][0]["question"] and S.ctx[1][0]["question"]
 
 
+@pytest.mark.parametrize("family, backend", [("qwen2_5_vl", "inductor"), ("qwen3_vl", "aot_eager")])
+def test_compiled_turns_equal_eager_and_compile_once(tiny, family, backend):
+    """infer.py --compile (compiled.StaticTurn): 60 turns of 2 streams with window 6 and chunk 4 (10 rebuilds), one
+    row answering every 5th turn (decoded steps), a turn with one row missing (a blank row), each row's question
+    turn (eager): every logit row's log-probabilities equal the eager Streams' (fp32, 1e-5). The two graphs (a turn,
+    a decoded step) are compiled at turns 1 and 2; then nothing again, across the rebuilds (dynamo's counters).
+    Qwen2.5-VL is compiled by inductor, as --compile runs (its C++ build: about 30 s on 2 cores); Qwen3-VL, whose
+    difference is its deepstack (compiled._deepstack), by aot_eager: dynamo's capture, guards and functionalised
+    cache writes as inductor gets them, without a second C++ build in CI."""
+    import compiled
+    from torch._dynamo.utils import counters
+    model, processor = M.load(tiny[family])
+    model.eval()
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+    frames = np.random.default_rng(0).integers(0, 255, (60, fmt.frames_per_turn, 56, 56, 3), dtype=np.uint8)
+    q, text, sil = "Tell me when the square turns red.", fmt.ids(" The square turned red."), fmt.decision_ids[data.SILENCE]
+
+    def stream(turn):
+        S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 2, window=6, chunk=4, turn=turn)
+        logp, graphs = [], []
+        for k in range(60):
+            rows = [0] if k == 8 else [0, 1]
+            lg = S.observe([(frames[k], data.time_marker(k), q if k == 1 else None),
+                            (frames[59 - k], data.time_marker(k), q if k == 3 else None) if k != 8 else None])
+            logp.append(torch.log_softmax(lg[rows], -1))
+            S.end_turn(0, [sil, fmt.eos_id], 0)
+            if k % 5 == 2:
+                for t in [fmt.decision_ids[data.RESPONSE], *text]:
+                    logp.append(torch.log_softmax(S.feed([None, t])[1:], -1))
+                S.end_turn(1, [fmt.decision_ids[data.RESPONSE], *text, fmt.eos_id], len(text) + 1)
+            elif k != 8:
+                S.end_turn(1, [sil, fmt.eos_id], 0)
+            graphs.append(counters["stats"]["unique_graphs"])
+        return logp, graphs, S
+
+    eager, _, E = stream(None)
+    before = counters["stats"]["unique_graphs"]
+    got, graphs, C = stream(compiled.StaticTurn(model, 2, backend=backend))
+    assert E.rebuilds == C.rebuilds == 10
+    assert max((a - b).abs().max().item() for a, b in zip(eager, got)) <= 1e-5
+    assert graphs[2] - before == 2 and graphs[-1] == graphs[2], graphs
+
+
 def test_streams_window_keeps_question_turn():
     assert data.window_turns(8, 1, 4) == [1, 4, 5, 6, 7]
 
@@ -1955,6 +1998,18 @@ def test_silent_streamed_turn_keeps_its_budgets(name, syncs):
     meter, S = costs.streamed_turn(model, fmt, turns=3)
     assert sum(meter.syncs.values()) <= syncs, meter.syncs
     assert meter.kernels <= 3200, meter.kernels
+    assert meter.sdpa["math"] == 0, meter.sdpa
+
+
+@pytest.mark.parametrize("name", list(M.REAL))
+def test_compiled_turn_reads_nothing_back(name):
+    """infer.py --compile's code path (compiled.StaticTurn, run uncompiled: torch.compile does not run on the meta
+    device) reads no value back inside the forward, which a CUDA graph needs: the turn's one host sync is the
+    decision's read-back, where the eager turn has 3 (3B) and 9 (4B)."""
+    import compiled
+    model, fmt = costs.build(name, 448)
+    meter, S = costs.streamed_turn(model, fmt, turns=3, turn=compiled.StaticTurn(model, 1, backend=None))
+    assert sum(meter.syncs.values()) == 1, meter.syncs
     assert meter.sdpa["math"] == 0, meter.sdpa
 
 
