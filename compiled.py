@@ -58,9 +58,9 @@ class StaticTurn:
 
     @staticmethod
     @functools.lru_cache(maxsize=4)
-    def of(model, n):
+    def of(model, n, backend="inductor"):
         """The StaticTurn of (model, n rows): one for all the Streams of a run, so nothing compiles twice."""
-        return StaticTurn(model, n)
+        return StaticTurn(model, n, backend)
 
     @torch.no_grad()
     def forward(self, S, chunks, images=None):

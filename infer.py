@@ -287,7 +287,7 @@ def run_streams(model, fmt, batch, args, policy=None, on_turn=None):
     policy = policy or (FreeText if offline else Greedy)(fmt, args.states, getattr(args, "threshold", None), args.max_new,
                                                          M.vocab_mask(model, fmt.tok))
     system = WAIT_PROMPT if offline else data.build_conversation(batch[0][0], 1, states=args.states)["system"]
-    turn = compiled.StaticTurn.of(model, len(batch)) if getattr(args, "compile", False) else None
+    turn = compiled.StaticTurn.of(model, len(batch), args.compile) if getattr(args, "compile", None) else None
     S = Streams(model, fmt, system, len(batch), args.window, args.chunk, turn=turn)
     out = [{"responses": [], "p_response": [], "decisions": []} for _ in batch]
     q = [data.question_turn(s["query_time"], args.fps) for s, _ in batch]
@@ -566,7 +566,7 @@ def speed(args):
     print(f"model {path}; {args.speed_turns} turns of one stream; window {W}, rebuild chunk {C}")
     runs = {"cache + window": (W, C, None), "cache, no window": (10**9, 1, None)}
     if args.compile:  # the same streams through compiled.StaticTurn (its first turns compile it: the first repeat's)
-        runs["compiled + window"] = (W, C, compiled.StaticTurn.of(model, 1))
+        runs["compiled + window"] = (W, C, compiled.StaticTurn.of(model, 1, args.compile))
     res = incremental(runs)
     nv = naive(181)
     # turn 20: mean of turns 10-29 (no rebuild yet); turn 180: mean over whole rebuild periods around it,
@@ -616,8 +616,9 @@ def get_args(argv=None):
                    help="let the model respond before the question is asked (default: forced silence)")
     p.add_argument("--speed", action="store_true", help="latency/memory benchmark on the tiny model")
     p.add_argument("--speed_turns", type=int, default=300)
-    p.add_argument("--compile", action="store_true", help="HF backend: each turn's forward is one compiled graph over a "
-                   "static KV cache (compiled.py); with --speed, adds its row")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND", help="HF backend: each turn's "
+                   "forward is one compiled graph over a static KV cache (compiled.py; torch.compile's backend, default "
+                   "inductor); with --speed, adds its row")
     return p.parse_args(data.cli_args(argv))
 
 

@@ -1406,6 +1406,25 @@ def test_incremental_decoding_equals_reencoding_every_turn(trained, synth):
     assert responses == out[0]["responses"] and len(responses) > 0
 
 
+def test_compiled_streams_say_what_eager_ones_say(trained, synth):
+    """run_streams with --compile (here by aot_eager: see test_compiled_turns_equal_eager_and_compile_once), four
+    streams of unequal lengths in one batch (rows that end take part as blank rows), with answers decoded: the
+    same responses, decisions and p(</Response>) (1e-5) as without."""
+    model, processor = M.load(trained)
+    model.eval()
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+    samples = sorted(data.load_annotations(str(synth / "test.jsonl")), key=lambda x: x["duration"])[::5][:4]
+    batch = [(s, fmt.video(s["video_path"])[0]) for s in samples]
+    assert len({len(f) for _, f in batch}) > 1
+    argv = ["--model", trained, "--threshold", "0.02", "--max_new", "8"]
+    eager, _ = infer.run_streams(model, fmt, batch, infer.get_args(argv))
+    got, S = infer.run_streams(model, fmt, batch, infer.get_args(argv + ["--compile", "aot_eager"]))
+    assert sum(len(o["responses"]) for o in eager) > 0
+    for a, b in zip(eager, got):
+        assert a["responses"] == b["responses"] and a["decisions"] == b["decisions"]
+        assert np.allclose(a["p_response"], b["p_response"], atol=1e-5)
+
+
 def test_offline_model_wait_protocol(tiny, synth):
     """An instruction model without decision tokens: the Wait decision tree (SPEC 3); any reply other
     than Wait is a response, turns before the question are a forced Wait."""
