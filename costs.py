@@ -3,8 +3,10 @@ What one SFT step and one streamed turn of the real 3B/4B architecture cost on a
 the model runs on PyTorch's meta device (shapes, dtypes and sizes only: no weights, no values, no
 compiled code) under a dispatch mode that counts what a GPU would do: kernels launched, host syncs
 (a value read back: .item(), .tolist(), bool(tensor)), SDPA calls, and the allocated memory (live
-storages, rounded to 512 B as the CUDA caching allocator counts them). The test suite holds the
-budgets (test_core.py, last section); its command line prints them for a user:
+storages, rounded to 512 B as the CUDA caching allocator counts them). The streamed turn is also run
+through compiled.StaticTurn's code path (infer.py --compile), uncompiled: torch.compile does not run on
+the meta device, but what it would be given to capture, and its syncs, are the same. The test suite holds
+the budgets (test_core.py, last section); its command line prints them for a user:
 
     python costs.py qwen2.5-vl-3b --frames 200 --size 448
     python costs.py qwen3-vl-4b --frames 200 --size 448 --world 8
