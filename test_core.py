@@ -1323,7 +1323,8 @@ def test_compiled_turns_equal_eager_and_compile_once(tiny, family, backend):
     """infer.py --compile (compiled.StaticTurn): 60 turns of 2 streams with window 6 and chunk 4 (10 rebuilds), one
     row answering every 5th turn (decoded steps), a turn with one row missing (a blank row), each row's question
     turn (eager): every logit row's log-probabilities equal the eager Streams' (fp32, 1e-5). The two graphs (a turn,
-    a decoded step) are compiled at turns 1 and 2; then nothing again, across the rebuilds (dynamo's counters).
+    a decoded step) are compiled at turn 2 (turns 0 and 1 hold the system prompt and a question: eager); then
+    nothing again, across the rebuilds (dynamo's counters).
     Qwen2.5-VL is compiled by inductor, as --compile runs (its C++ build: about 30 s on 2 cores); Qwen3-VL, whose
     difference is its deepstack (compiled._deepstack), by aot_eager: dynamo's capture, guards and functionalised
     cache writes as inductor gets them, without a second C++ build in CI."""
