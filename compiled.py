@@ -171,7 +171,8 @@ class StaticTurn:
     def _vision(self, grids):
         """The ViT's keyword arguments for these frames (model.vision_inputs: made on the host, once)."""
         grid = torch.cat(grids)
-        return {"grid_thw": grid.to(self.dev), **{k[len("image_"):]: v for k, v in M.vision_inputs(self.model, grid, self.dev).items()}}
+        made = M.vision_inputs(self.model, grid, self.dev)  # keys as the model's forward takes them: image_...
+        return {"grid_thw": grid.to(self.dev), **{k[len("image_"):]: v for k, v in made.items()}}
 
     # -------------------------------------------------------------------------
     # the forward: compiled for the two shapes, eager otherwise
