@@ -3,8 +3,10 @@ What one SFT step and one streamed turn of the real 3B/4B architecture cost on a
 the model runs on PyTorch's meta device (shapes, dtypes and sizes only: no weights, no values, no
 compiled code) under a dispatch mode that counts what a GPU would do: kernels launched, host syncs
 (a value read back: .item(), .tolist(), bool(tensor)), SDPA calls, and the allocated memory (live
-storages, rounded to 512 B as the CUDA caching allocator counts them). The test suite holds the
-budgets (test_core.py, last section); its command line prints them for a user:
+storages, rounded to 512 B as the CUDA caching allocator counts them). The streamed turn is also run
+through compiled.StaticTurn's code path (infer.py --compile), uncompiled: torch.compile does not run on
+the meta device, but what it would be given to capture, and its syncs, are the same. The test suite holds
+the budgets (test_core.py, last section); its command line prints them for a user:
 
     python costs.py qwen2.5-vl-3b --frames 200 --size 448
     python costs.py qwen3-vl-4b --frames 200 --size 448 --world 8
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import compiled
 import data
 import model as M
 
@@ -255,8 +258,9 @@ def sft_step(model, fmt, frames):
     return meter, first, item
 
 
-def streamed_turn(model, fmt, turns=3, rows=1):
-    """Silent turns of infer.Streams (a frame, a decision, its end of turn); the last one is measured."""
+def streamed_turn(model, fmt, turns=3, rows=1, turn=None):
+    """Silent turns of infer.Streams (a frame, a decision, its end of turn); the last one is measured.
+    turn: a compiled.StaticTurn (infer.py --compile) to run them through."""
     import infer
     model.eval()
     frame = np.zeros((1, 8, 8, 3), np.uint8)
@@ -265,7 +269,7 @@ def streamed_turn(model, fmt, turns=3, rows=1):
         meter.track(t)
     policy, sil = infer.Greedy(fmt, 2), [fmt.decision_ids[data.SILENCE], fmt.eos_id]
     with simulated_gpu(meter), torch.no_grad():
-        S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, rows, 200, 50)
+        S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, rows, 200, 50, turn=turn)
         for k in range(turns):
             meter.reset()
             logits = S.observe([(frame, data.time_marker(k), "Tell me when it moves." if k == 1 else None)] * rows)
@@ -337,6 +341,11 @@ def estimate(name, frames, size, world=1):
     tflop = (2 * n_lm * turn_tokens + 4 * layers * width * turn_tokens * L + 2 * n_vit * int(grid[0].prod())) / 1e12
     print(f"  streamed turn (silent, one stream, KV cache of {L} tokens, whole model on one GPU): peak {meter.peak / GIB:.2f} GiB "
           f"allocated; {tflop:.2f} TFLOP; {meter.kernels:,} kernels, {sum(meter.syncs.values())} host syncs (the decision's read-back included)")
+    meter, S = streamed_turn(model, fmt, turn=compiled.StaticTurn(model, 1, backend=None))
+    print(f"  the same turn through compiled.StaticTurn (infer.py --compile), uncompiled (torch.compile does not run on the meta "
+          f"device): {sum(meter.syncs.values())} host sync, the decision's read-back, none inside the forward (so one CUDA graph "
+          f"can hold it); {meter.kernels:,} kernels before inductor fuses them; static KV cache of {S.mask.shape[1] - 1:,} "
+          f"positions (--window 200 --chunk 50): peak {meter.peak / GIB:.2f} GiB allocated")
 
 
 def main():

@@ -9,6 +9,7 @@ whether to stay silent or to respond (SPEC sections 1, 3, 6).
     python infer.py --offline_model /models/Qwen2.5-VL-7B-Instruct --ann ANN.jsonl   # SPEC 3's Wait protocol
     python infer.py --backend vllm --model CKPT --ann ANN.jsonl                      # GPU, vLLM with prefix caching
     python infer.py --speed                                                          # O(1)-per-frame benchmark
+    python infer.py --speed --compile                                                # + each turn one compiled graph (compiled.py)
 
 Each second appends one user turn (time marker, frame, the question when it is asked) to a
 persistent KV cache with explicit multimodal (mrope) position ids, then decodes the assistant turn:
@@ -18,6 +19,7 @@ is padded, and its padding slots stay masked out for good.
 """
 import argparse
 import collections
+import functools
 import json
 import math
 import os
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+import compiled
 import data
 import model as M
 
@@ -54,7 +57,7 @@ class Streams:
     Every row also logs its trajectory as segments of token ids (a segment = one rebuilt prefix + the
     turns appended after it), the exact sequences the policy saw, for GRPO training (grpo.py)."""
 
-    def __init__(self, model, fmt, system, n, window=200, chunk=50):
+    def __init__(self, model, fmt, system, n, window=200, chunk=50, turn=None):
         self.model, self.fmt, self.n = model, fmt, n
         self.window, self.chunk = window, max(1, chunk)
         self.system = fmt.system_ids(system)
@@ -67,6 +70,8 @@ class Streams:
         self.cur = [None] * n
         self.rebuilds, self.latency = 0, []  # latency: seconds of each turn (run_streams)
         self.k = 0  # the turn observed next (data.window_start)
+        # the forward of each turn and decoded token: _forward below, or a compiled.StaticTurn's (--compile)
+        self.step = self._forward if turn is None else functools.partial(turn.forward, self)
 
     @torch.no_grad()
     def _forward(self, chunks, images=None):
@@ -160,11 +165,11 @@ class Streams:
             chunks.append(self.pending[b] + u)
             images.append((pv, grid))
             self.pending[b] = []
-        return self._forward(chunks, images)
+        return self.step(chunks, images)
 
     def feed(self, tokens):
         """One token per row (None: nothing) -> logits after it."""
-        return self._forward([[t] if t is not None else [] for t in tokens])
+        return self.step([[t] if t is not None else [] for t in tokens])
 
     def end_turn(self, b, content, n_fed, logp=None):
         """Row b's assistant turn is `content` (decision token ... end-of-turn token), of which the first
@@ -283,7 +288,8 @@ def run_streams(model, fmt, batch, args, policy=None, on_turn=None):
     policy = policy or (FreeText if offline else Greedy)(fmt, args.states, getattr(args, "threshold", None), args.max_new,
                                                          M.vocab_mask(model, fmt.tok))
     system = WAIT_PROMPT if offline else data.build_conversation(batch[0][0], 1, states=args.states)["system"]
-    S = Streams(model, fmt, system, len(batch), args.window, args.chunk)
+    turn = compiled.StaticTurn.of(model, len(batch), args.compile) if getattr(args, "compile", None) else None
+    S = Streams(model, fmt, system, len(batch), args.window, args.chunk, turn=turn)
     out = [{"responses": [], "p_response": [], "decisions": []} for _ in batch]
     q = [data.question_turn(s["query_time"], args.fps) for s, _ in batch]
     rsp = fmt.decision_ids[data.RESPONSE]
@@ -554,19 +560,25 @@ def speed(args):
     frames = rng.integers(0, 255, (args.speed_turns, fmt.frames_per_turn, 56, 56, 3), dtype=np.uint8)
     silence = [fmt.decision_ids[data.SILENCE], fmt.eos_id]
 
-    def incremental(window, chunk, repeats=3):
-        lat = []  # per turn, the fastest of `repeats` identical runs: OS noise out, rebuilds (deterministic) in
+    def incremental(runs, repeats=3):
+        """runs: name -> (window, chunk, compiled turn or None). Each repeat streams every run once, in turn,
+        so a busy machine slows them alike; per turn, the fastest of the repeats: OS noise out, rebuilds
+        (deterministic) in. Returns name -> (latency per turn, cache bytes per turn, rebuilds, log-probs per turn)."""
+        lat, out = {name: [] for name in runs}, {}
         for _ in range(repeats):
-            S = Streams(model, fmt, data.SYSTEM_PROMPT, 1, window, chunk)
-            lat.append([])
-            mem = []
-            for k in range(args.speed_turns):
-                t = time.perf_counter()
-                S.observe([(frames[k], data.time_marker(k), "Tell me when the square turns red." if k == 0 else None)])
-                S.end_turn(0, silence, 0)
-                lat[-1].append(time.perf_counter() - t)
-                mem.append(S.cache_bytes())
-        return np.min(lat, axis=0), np.array(mem), S.rebuilds
+            for name, (window, chunk, turn) in runs.items():
+                S = Streams(model, fmt, data.SYSTEM_PROMPT, 1, window, chunk, turn=turn)
+                lat[name].append([])
+                mem, logp = [], []
+                for k in range(args.speed_turns):
+                    t = time.perf_counter()
+                    logits = S.observe([(frames[k], data.time_marker(k), "Tell me when the square turns red." if k == 0 else None)])
+                    S.end_turn(0, silence, 0)
+                    lat[name][-1].append(time.perf_counter() - t)
+                    mem.append(S.cache_bytes())
+                    logp.append(torch.log_softmax(logits[0], -1))
+                out[name] = (np.min(lat[name], axis=0), np.array(mem), S.rebuilds, torch.stack(logp))
+        return out
 
     def naive(turns):
         conv = {"system": data.SYSTEM_PROMPT, "q_turn": 0, "turns": [
@@ -587,23 +599,30 @@ def speed(args):
 
     W, C = args.window, args.chunk
     print(f"model {path}; {args.speed_turns} turns of one stream; window {W}, rebuild chunk {C}")
-    lat_w, mem_w, rebuilds = incremental(W, C)
-    lat_n, mem_n, _ = incremental(10**9, 1)
+    runs = {"cache + window": (W, C, None), "cache, no window": (10**9, 1, None)}
+    if args.compile:  # the same streams through compiled.StaticTurn (its first turns compile it: the first repeat's)
+        runs["compiled + window"] = (W, C, compiled.StaticTurn.of(model, 1, args.compile))
+    res = incremental(runs)
     nv = naive(181)
     # turn 20: mean of turns 10-29 (no rebuild yet); turn 180: mean over whole rebuild periods around it,
     # so the amortised cost of the rebuilds is in (a span that holds no rebuild would flatter the cache)
     span = C * math.ceil(20 / C)
     at20 = lambda lat: float(np.mean(lat[10:30])) * 1000
     at180 = lambda lat: float(np.mean(lat[180 - span // 2: 180 - span // 2 + span])) * 1000
-    rows = [("cache + window", at20(lat_w), at180(lat_w), mem_w), ("cache, no window", at20(lat_n), at180(lat_n), mem_n)]
     print(f"{'':18} {'turn 20 ms':>11} {'turn 180 ms':>12} {'180/20':>7} {'cache MB at 50/150/300':>24}")
-    for name, a, b, mem in rows:
+    for name, (lat, mem, *_) in res.items():
+        a, b = at20(lat), at180(lat)
         m = [mem[min(i, len(mem) - 1)] / 2**20 for i in (49, 149, args.speed_turns - 1)]
         print(f"{name:18} {a:11.1f} {b:12.1f} {b / a:7.2f} {'/'.join(f'{x:.1f}' for x in m):>24}")
     print(f"{'re-encode (naive)':18} {nv[20] * 1000:11.1f} {nv[180] * 1000:12.1f} {nv[180] / nv[20]:7.2f}")
+    (lat_w, mem_w, rebuilds, logp_w), mem_n = res["cache + window"], res["cache, no window"][1]
     print(f"at turn 180: cache + window is {nv[180] * 1000 / at180(lat_w):.1f}x faster than re-encoding; "
           f"{rebuilds} window rebuilds; median turn without a rebuild {np.median(lat_w[150:]) * 1000:.1f} ms; "
           f"peak cache {mem_w.max() / 2**20:.1f} MB with the window, {mem_n.max() / 2**20:.1f} MB without")
+    if args.compile:
+        lat_c, logp_c = res["compiled + window"][0], res["compiled + window"][3]
+        print(f"compiled: turn 180 {at180(lat_c) / at180(lat_w):.2f}x the eager one, median turn without a rebuild "
+              f"{np.median(lat_c[150:]) * 1000:.1f} ms; log-probs of every turn within {(logp_c - logp_w).abs().max():.1e} of the eager ones")
 
 
 # -----------------------------------------------------------------------------
@@ -634,6 +653,9 @@ def get_args(argv=None):
     p.add_argument("--speed_turns", type=int, default=300)
     p.add_argument("--allow_failed", action="store_true", help="--ann: samples whose video fails are left out (bench.py "
                    "scores them as silent) instead of failing the run")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND", help="HF backend: each turn's "
+                   "forward is one compiled graph over a static KV cache (compiled.py; torch.compile's backend, default "
+                   "inductor); with --speed, adds its row")
     return p.parse_args(data.cli_args(argv))
 
 
@@ -648,6 +670,8 @@ def check_args(args):
         raise data.UserError("give --ann ANN.jsonl, --video FILE --question TEXT, or --speed")
     if args.video and not args.question:
         raise data.UserError("--video needs --question")
+    if args.backend == "vllm" and args.compile:
+        raise data.UserError("--compile (a compiled HF turn) runs on the HF backend: drop --backend vllm (vLLM compiles its own)")
     if args.backend == "vllm" and args.offline_model:
         raise data.UserError("--offline_model (the Wait protocol) runs on the HF backend: drop --backend vllm")
     if args.backend == "vllm" and int(os.environ.get("RANK", -1)) != -1:

@@ -347,6 +347,21 @@ def test_two_frame_chunk_fills_the_vits_temporal_patch(tiny, family):
     assert n == [4] and grid.tolist() == [[1] + grid[0, 1:].tolist()]  # one temporal step: one image placeholder
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_images_table_gives_the_processors_values_bit_for_bit(tiny, family):
+    """ChatFormat.images runs the image processor once per frame size, then reads a 3 x 256 table (_table): the
+    same pixel values bit for bit, one- and two-frame chunks; a size the processor resizes keeps the processor."""
+    _, processor = M.load(tiny[family])
+    rng = np.random.default_rng(0)
+    for fpt in (1, 2):
+        fmt = data.ChatFormat(processor, fpt)
+        for size in [(56, 56), (64, 96), (112, 56), (50, 60)]:
+            x = rng.integers(0, 256, (3, fpt, *size, 3), dtype=np.uint8)
+            got, want = fmt.images(x), fmt._processed(x)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
+            assert (fmt._tables[size] is not None) == (size[0] % fmt.factor == 0 and size[1] % fmt.factor == 0)
+
+
 def test_decision_tokens_are_added_as_single_tokens(tiny):
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny["qwen2_5_vl"])
@@ -1338,6 +1353,50 @@ def test_cached_turns_equal_full_forward_batched_and_after_rebuild(tiny, family)
     assert S.ctx[0][0]["question"] and S.ctx[1][0]["question"]
 
 
+@pytest.mark.parametrize("family, backend", [("qwen2_5_vl", "inductor"), ("qwen3_vl", "aot_eager")])
+def test_compiled_turns_equal_eager_and_compile_once(tiny, family, backend):
+    """infer.py --compile (compiled.StaticTurn): 60 turns of 2 streams with window 6 and chunk 4 (10 rebuilds), one
+    row answering every 5th turn (decoded steps), a turn with one row missing (a blank row), each row's question
+    turn (eager): every logit row's log-probabilities equal the eager Streams' (fp32, 1e-5). The two graphs (a turn,
+    a decoded step) are compiled at turn 2 (turns 0 and 1 hold the system prompt and a question: eager); then
+    nothing again, across the rebuilds (dynamo's counters).
+    Qwen2.5-VL is compiled by inductor, as --compile runs (its C++ build: about 30 s on 2 cores); Qwen3-VL, whose
+    difference is its deepstack (compiled._deepstack), by aot_eager: dynamo's capture, guards and functionalised
+    cache writes as inductor gets them, without a second C++ build in CI."""
+    import compiled
+    from torch._dynamo.utils import counters
+    model, processor = M.load(tiny[family])
+    model.eval()
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+    frames = np.random.default_rng(0).integers(0, 255, (60, fmt.frames_per_turn, 56, 56, 3), dtype=np.uint8)
+    q, text, sil = "Tell me when the square turns red.", fmt.ids(" The square turned red."), fmt.decision_ids[data.SILENCE]
+
+    def stream(turn):
+        S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 2, window=6, chunk=4, turn=turn)
+        logp, graphs = [], []
+        for k in range(60):
+            rows = [0] if k == 8 else [0, 1]
+            lg = S.observe([(frames[k], data.time_marker(k), q if k == 1 else None),
+                            (frames[59 - k], data.time_marker(k), q if k == 3 else None) if k != 8 else None])
+            logp.append(torch.log_softmax(lg[rows], -1))
+            S.end_turn(0, [sil, fmt.eos_id], 0)
+            if k % 5 == 2:
+                for t in [fmt.decision_ids[data.RESPONSE], *text]:
+                    logp.append(torch.log_softmax(S.feed([None, t])[1:], -1))
+                S.end_turn(1, [fmt.decision_ids[data.RESPONSE], *text, fmt.eos_id], len(text) + 1)
+            elif k != 8:
+                S.end_turn(1, [sil, fmt.eos_id], 0)
+            graphs.append(counters["stats"]["unique_graphs"])
+        return logp, graphs, S
+
+    eager, _, E = stream(None)
+    before = counters["stats"]["unique_graphs"]
+    got, graphs, C = stream(compiled.StaticTurn(model, 2, backend=backend))
+    assert E.rebuilds == C.rebuilds == 10
+    assert max((a - b).abs().max().item() for a, b in zip(eager, got)) <= 1e-5
+    assert graphs[2] - before == 2 and graphs[-1] == graphs[2], graphs
+
+
 def test_streams_window_keeps_question_turn():
     assert data.window_turns(8, 1, 4) == [1, 4, 5, 6, 7]
 
@@ -1381,6 +1440,25 @@ def test_incremental_decoding_equals_reencoding_every_turn(trained, synth):
             responses.append({"time": float(k + 1), "text": text})
         ids += content + list(fmt.asst_close_tail)
     assert responses == out[0]["responses"] and len(responses) > 0
+
+
+def test_compiled_streams_say_what_eager_ones_say(trained, synth):
+    """run_streams with --compile (here by aot_eager: see test_compiled_turns_equal_eager_and_compile_once), four
+    streams of unequal lengths in one batch (rows that end take part as blank rows), with answers decoded: the
+    same responses, decisions and p(</Response>) (1e-5) as without."""
+    model, processor = M.load(trained)
+    model.eval()
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+    samples = sorted(data.load_annotations(str(synth / "test.jsonl")), key=lambda x: x["duration"])[::5][:4]
+    batch = [(s, fmt.video(s["video_path"])[0]) for s in samples]
+    assert len({len(f) for _, f in batch}) > 1
+    argv = ["--model", trained, "--threshold", "0.02", "--max_new", "8"]
+    eager, _ = infer.run_streams(model, fmt, batch, infer.get_args(argv))
+    got, S = infer.run_streams(model, fmt, batch, infer.get_args(argv + ["--compile", "aot_eager"]))
+    assert sum(len(o["responses"]) for o in eager) > 0
+    for a, b in zip(eager, got):
+        assert a["responses"] == b["responses"] and a["decisions"] == b["decisions"]
+        assert np.allclose(a["p_response"], b["p_response"], atol=1e-5)
 
 
 def test_offline_model_wait_protocol(tiny, synth):
@@ -1986,6 +2064,18 @@ def test_silent_streamed_turn_keeps_its_budgets(name, syncs):
     meter, S = costs.streamed_turn(model, fmt, turns=3)
     assert sum(meter.syncs.values()) <= syncs, meter.syncs
     assert meter.kernels <= 3200, meter.kernels
+    assert meter.sdpa["math"] == 0, meter.sdpa
+
+
+@pytest.mark.parametrize("name", list(M.REAL))
+def test_compiled_turn_reads_nothing_back(name):
+    """infer.py --compile's code path (compiled.StaticTurn, run uncompiled: torch.compile does not run on the meta
+    device) reads no value back inside the forward, which a CUDA graph needs: the turn's one host sync is the
+    decision's read-back, where the eager turn has 3 (3B) and 9 (4B)."""
+    import compiled
+    model, fmt = costs.build(name, 448)
+    meter, S = costs.streamed_turn(model, fmt, turns=3, turn=compiled.StaticTurn(model, 1, backend=None))
+    assert sum(meter.syncs.values()) == 1, meter.syncs
     assert meter.sdpa["math"] == 0, meter.sdpa
 
 

@@ -1,0 +1,255 @@
+"""
+The compiled turn (`python infer.py --compile`): infer.Streams' forward of every turn and of every
+decoded token, run over a static KV cache in fixed shapes, so that torch.compile makes one graph of
+each (on CUDA, mode="reduce-overhead": a CUDA-graph replay per turn instead of ~3,000 kernel launches).
+
+    python infer.py --model out/sft-cb --ann data/synthetic/test.jsonl --compile
+    python infer.py --speed --compile        # the compiled row beside the eager ones, in the same run
+
+Streams(..., turn=StaticTurn.of(model, n)) hands each forward to the StaticTurn, which keeps Streams'
+cache, mask and positions as its own; everything else (turns, decisions, segments) stays in Streams.
+"""
+import functools
+import sys
+
+import torch
+
+import data
+import model as M
+
+
+class StaticTurn:
+    """The forward of n streams over a static KV cache, in two compiled shapes.
+
+    Shapes: a *turn* is each row's pending tokens and user turn (time marker, one frame) padded to T
+    tokens, T being the longest such turn up to the marker of 99,999 s; a *step* is one decoded token per
+    row. A row with nothing now takes part as a turn of padding (a blank frame, every slot masked).
+    Anything else runs the same code eagerly over the same cache: the first turn (system prompt), the
+    question turn, a longer chunk, another frame size. So the two graphs are compiled at the first turn
+    and the first answer, and never again for this model and n.
+
+    Cache (Slots): `slots` positions per row, sized from the window: the system prompt and window +
+    chunk + 2 turns of T (the kept turns, those added until the next rebuild, the question turn), plus
+    4 T for answers. Each forward writes its T (or 1) positions from the running offset, which then moves
+    by the longest row's chunk, as in Streams: the next forward writes over the padding at the end, and
+    a shorter row's padding stays masked out for good. Attention reads the cache up to the end of the
+    write, rounded up (Slots.step; the graphs' one dynamic size), not the empty rest.
+    Streams' window rebuild re-encodes each row eagerly, as without --compile (Streams._rebuild), into a
+    DynamicCache that is then copied here. If long answers fill the cache, it grows x2 (a recompile).
+
+    Cost per turn: one forward of n x T tokens against the used cache, the ViT of n frames, and on the
+    host the ids, the positions (each chunk's rope index looked up by its layout and added to the row's
+    running offset: ENVIRONMENT.md) and their copy to the device. No value is read back inside: the
+    caller reads the decision once per turn (Greedy: one .tolist())."""
+
+    def __init__(self, model, n, backend="inductor"):
+        """backend: torch.compile's (None: the same code path uncompiled, what costs.py measures)."""
+        self.model, self.n, self.dev = model, n, model.device
+        self.cache, self.T, self.grid = None, None, None
+        self.owner, self.rebuilds, self.off = None, 0, 0
+        self.templates = {}  # a chunk's layout -> its rope positions from 0 (3, L) and the offset it moves
+        # inductor: CUDA graphs on a GPU ("reduce-overhead"), C++ kernels on a CPU; one graph per shape
+        # (dynamic=False), the cache's read span their one dynamic size (Slots.aim)
+        mode = "reduce-overhead" if backend == "inductor" and self.dev.type == "cuda" else None
+        self.graph = torch.compile(self._run, backend=backend, fullgraph=True, dynamic=False, mode=mode) if backend else self._run
+        lm = model.model.language_model
+        if hasattr(lm, "_deepstack_process") and not isinstance(lm._deepstack_process, functools.partial):
+            lm._deepstack_process = functools.partial(_deepstack, lm._deepstack_process)  # Qwen3-VL
+
+    @staticmethod
+    @functools.lru_cache(maxsize=4)
+    def of(model, n, backend="inductor"):
+        """The StaticTurn of (model, n rows): one for all the Streams of a run, so nothing compiles twice."""
+        return StaticTurn(model, n, backend)
+
+    @torch.no_grad()
+    def forward(self, S, chunks, images=None):
+        """Streams._forward's contract: append `chunks` (with their images) to every row; return the logits
+        of each row's last new token, (n, V)."""
+        if self.cache is None:
+            self._allocate(S, images)
+        if S is not self.owner or S.rebuilds != self.rebuilds:
+            self._load(S)
+        kind = self._kind(chunks, images)
+        L = {"turn": self.T, "step": 1}.get(kind) or max(len(c) for c in chunks)
+        if self.off + L > self.cache.slots:
+            self._resize(max(2 * self.cache.slots, self.off + L), S)
+        x = self._inputs(S, chunks, images, L, kind == "turn")
+        logits = (self.graph if kind else self._run)(**x)
+        self.off += max(len(c) for c in chunks)  # the next forward writes over this one's padding at the end
+        return logits.clone() if kind and self.dev.type == "cuda" else logits  # a CUDA graph reuses its output
+
+    # -------------------------------------------------------------------------
+    # the static memory: allocated once, emptied for each new Streams, refilled after each rebuild
+
+    def _allocate(self, S, images):
+        fmt = S.fmt
+        pv, self.grid = next(im for im in images if im is not None)
+        self.n_img = int(self.grid.prod()) // fmt.merge**2
+        self.blank = torch.zeros_like(pv)
+        longest = fmt.user_ids(data.time_marker(99999), self.n_img)
+        self.T = len(longest) + 2 + len(fmt.asst_close_tail)  # and pending: the decision, end of turn, tail
+        turns = S.window + S.chunk + 2 if 0 < S.window < 10**5 else 64
+        self.cache = Slots(self.model, self.n, -(-(len(S.system) + (turns + 4) * self.T) // 256) * 256)
+        self.vision = self._vision([self.grid] * self.n)
+
+    def _resize(self, slots, S):
+        print(f"compiled turn: the static cache grows from {self.cache.slots} to {slots} positions (one recompile)",
+              file=sys.stderr)
+        old, self.cache = self.cache, Slots(self.model, self.n, slots)
+        self.cache.put(old, old.valid[:, : self.off], self.off)
+        S.cache, S.mask = self.cache, self.cache.valid
+
+    def _load(self, S):
+        """A new Streams starts empty; one that rebuilt its window holds its rows in a DynamicCache."""
+        if S is self.owner:
+            L = S.mask.shape[1]
+            if L > self.cache.slots:
+                self._resize(L, S)
+            self.cache.put(S.cache, S.mask, L)
+        else:
+            self.cache.put(None, None, 0)
+        self.off = self.cache.used
+        S.cache, S.mask = self.cache, self.cache.valid
+        self.owner, self.rebuilds = S, S.rebuilds
+
+    # -------------------------------------------------------------------------
+    # host inputs
+
+    def _kind(self, chunks, images):
+        """"turn", "step" or None (eager, at the chunks' own length)."""
+        if not images:
+            return "step" if all(len(c) <= 1 for c in chunks) else None
+        fits = all((not c and im is None) or (im is not None and len(c) <= self.T and torch.equal(im[1], self.grid))
+                   for c, im in zip(chunks, images))
+        return "turn" if fits else None
+
+    def _inputs(self, S, chunks, images, L, turn):
+        """What the forward needs, made on the host; rows' positions advance here."""
+        n, img = self.n, S.fmt.image_token_id
+        ids = torch.full((n, L), S.pad, dtype=torch.long)
+        new = torch.zeros(n, L, dtype=torch.bool)
+        pos = S.pos[None, :, None].repeat(3, 1, L)  # padding: any position, it is never attended
+        at, pvs, grids = [], [], []
+        for b, c in enumerate(chunks):
+            im = images[b] if images else None
+            if im is not None:
+                rel, top = self._template(S, c, im[1])
+                at.append(b * L + c.index(img) + torch.arange(int(im[1].prod()) // S.fmt.merge**2))
+                pvs.append(im[0])
+                grids.append(im[1])
+            elif turn:  # a row with no turn now: a blank frame in an all-masked chunk
+                at.append(b * L + torch.arange(self.n_img))
+                pvs.append(self.blank)
+            if not c:
+                continue
+            if im is None:  # text only (a decoded token): the three mrope axes are plain positions
+                rel, top = torch.arange(len(c)), len(c)
+            ids[b, : len(c)], new[b, : len(c)] = torch.tensor(c), True
+            pos[:, b, : len(c)] += rel
+            S.pos[b] += top
+        x = {"ids": ids, "new": new, "pos": pos, "last": torch.tensor([max(len(c) - 1, 0) for c in chunks])}
+        if pvs:
+            x.update(pixel_values=torch.cat(pvs), image_at=torch.cat(at))
+        x = {k: v.to(self.dev, non_blocking=True) for k, v in x.items()}
+        if pvs:
+            x["vision"] = self.vision if turn else self._vision(grids)
+        self.cache.aim(self.off, L)
+        return x
+
+    def _template(self, S, chunk, grid):
+        """A chunk's rope positions from 0 and the offset it moves its row by, kept by layout: the model's
+        own function, once per layout (Streams._forward calls it for every chunk)."""
+        start = chunk.index(S.fmt.image_token_id)
+        key = (len(chunk), start, tuple(grid[0].tolist()))
+        if key not in self.templates:
+            t = torch.tensor(chunk)
+            p, _ = self.model.model.get_rope_index(t[None], (t == S.fmt.image_token_id).long()[None], image_grid_thw=grid)
+            self.templates[key] = (p[:, 0], int(p.max()) + 1)
+        return self.templates[key]
+
+    def _vision(self, grids):
+        """The ViT's keyword arguments for these frames (model.vision_inputs: made on the host, once)."""
+        grid = torch.cat(grids)
+        made = M.vision_inputs(self.model, grid, self.dev)  # keys as the model's forward takes them: image_...
+        return {"grid_thw": grid.to(self.dev), **{k[len("image_"):]: v for k, v in made.items()}}
+
+    # -------------------------------------------------------------------------
+    # the forward: compiled for the two shapes, eager otherwise
+
+    def _run(self, ids, new, pos, last, pixel_values=None, image_at=None, vision=None):
+        m = self.model.model
+        h = m.get_input_embeddings()(ids)
+        extra = {}
+        if pixel_values is not None:  # each frame's visual tokens where its placeholders are
+            out = m.visual(pixel_values.type(m.visual.dtype), **vision)
+            h = h.flatten(0, 1).index_copy(0, image_at, out.pooler_output.to(h.dtype)).view_as(h)
+            if getattr(out, "deepstack_features", None):
+                extra = {"visual_pos_masks": image_at, "deepstack_visual_embeds": out.deepstack_features}
+        mask = self.cache.mask(new)
+        out = m.language_model(inputs_embeds=h, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+                               use_cache=True, **extra)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        return self.model.lm_head(out.last_hidden_state[rows, last]).float()
+
+
+class Slots:
+    """A static KV cache: per layer, keys and values of (n, kv heads, slots, head dim) allocated once and
+    written in place, with `valid` (n, slots): the positions that hold a token (not padding, not empty).
+    Before each forward, aim() sets where it writes (`at`: offset .. offset + L) and how far attention
+    reads (`span`: the positions up to the offset + L, rounded up to `step`; its length is the graph's one
+    dynamic size). transformers calls update() in every attention layer."""
+
+    def __init__(self, model, n, slots):
+        cfg = model.config.get_text_config()
+        heads, dim = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # one position more than is ever read: a span as long as the tensors would be specialised (recompiled)
+        new = lambda: torch.zeros(n, heads, slots + 1, dim, dtype=model.dtype, device=model.device)
+        self.layers = [_Layer(new(), new()) for _ in range(cfg.num_hidden_layers)]
+        self.valid = torch.zeros(n, slots + 1, dtype=torch.bool, device=model.device)
+        self.positions = torch.arange(slots + 1, device=model.device)
+        for t in [self.valid, self.positions] + [t for a in self.layers for t in (a.keys, a.values)]:
+            torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs write in place
+        # the span grows by `step`: CUDA graphs are recorded once per span, so eight of them there; on a CPU
+        # a span costs nothing, and its attention is the turn's largest cost (the tiny model: ~40% of it)
+        self.slots, self.used, self.step = slots, 0, -(-slots // 8) if model.device.type == "cuda" else 64
+
+    def aim(self, off, L):
+        self.at = self.positions[off: off + L]
+        self.span = self.positions[: min(self.slots, -(-(off + L) // self.step) * self.step)]
+        torch._dynamo.mark_dynamic(self.span, 0)
+        self.used = off + L
+
+    def mask(self, new):
+        """(n, 1, L, span): a query attends to the valid positions up to its own (causal)."""
+        self.valid.index_copy_(1, self.at, new)
+        K = self.span.shape[0]
+        return self.valid[:, None, None, :K] & (self.span[None, :] <= self.at[:, None])[None, None]
+
+    def update(self, keys, values, layer, *args, **kwargs):
+        a, K = self.layers[layer], self.span.shape[0]
+        a.keys.index_copy_(2, self.at, keys)
+        a.values.index_copy_(2, self.at, values)
+        return a.keys[:, :, :K], a.values[:, :, :K]
+
+    def put(self, src, valid, L):
+        """Hold the first L positions of `src` (a DynamicCache or Slots; None: nothing) with their mask."""
+        self.valid.zero_()
+        if src is not None:
+            for a, b in zip(self.layers, src.layers):
+                a.keys[:, :, :L], a.values[:, :, :L] = b.keys[:, :, :L], b.values[:, :, :L]
+            self.valid[:, :L] = valid.bool()
+        self.used = L
+
+
+class _Layer:
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+
+def _deepstack(original, hidden, where, embeds):
+    """Qwen3-VL adds its deepstack features at the visual positions found by a boolean mask (a host sync
+    and a graph break). Given their flat indices instead (StaticTurn), the same sums without either."""
+    if where.dtype == torch.bool:
+        return original(hidden, where, embeds)
+    return hidden.flatten(0, 1).index_add(0, where, embeds.to(hidden.dtype)).view_as(hidden)
