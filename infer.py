@@ -33,6 +33,7 @@ from transformers import DynamicCache
 import compiled
 import data
 import model as M
+import synthetic
 
 WAIT_PROMPT = (  # SPEC section 3: offline models answer through a decision tree, "Wait" meaning silence
     "You are watching a video stream frame by frame; each frame is labelled with the seconds it covers. "
@@ -557,7 +558,8 @@ def speed(args):
     model.eval()
     fmt = data.ChatFormat(processor, M.frames_per_turn(model))
     rng = np.random.default_rng(0)
-    frames = rng.integers(0, 255, (args.speed_turns, fmt.frames_per_turn, 56, 56, 3), dtype=np.uint8)
+    side = synthetic.SIZE  # the default data's frames
+    frames = rng.integers(0, 255, (args.speed_turns, fmt.frames_per_turn, side, side, 3), dtype=np.uint8)
     silence = [fmt.decision_ids[data.SILENCE], fmt.eos_id]
 
     def incremental(runs, repeats=3):

@@ -173,13 +173,13 @@ def test_decode_synthetic_mp4_at_1fps_and_2fps(synth):
     samples = data.load_annotations(str(synth / "train.jsonl"))
     s = next(x for x in samples if x["level"] == 0)
     frames, times = data.load_video(s["video_path"])
-    assert frames.dtype == np.uint8 and frames.shape == (int(s["duration"]), 1, 56, 56, 3)
+    assert frames.dtype == np.uint8 and frames.shape == (int(s["duration"]), 1, synthetic.SIZE, synthetic.SIZE, 3)
     assert np.allclose(times, np.arange(len(frames)))
     f2, t2 = data.load_video(s["video_path"], fps=2.0)
     assert len(f2) == 2 * len(frames) and np.allclose(t2[:3], [0, 0.5, 1.0])
     # 2-frame turns: turn k holds the frames at k - 0.5 (clamped at 0) and k
     pairs, _ = data.load_video(s["video_path"], frames_per_turn=2)
-    assert pairs.shape == (len(frames), 2, 56, 56, 3) and (pairs[:, 1] == frames[:, 0]).all()
+    assert pairs.shape == (len(frames), 2, synthetic.SIZE, synthetic.SIZE, 3) and (pairs[:, 1] == frames[:, 0]).all()
     assert (pairs[0, 0] == f2[0, 0]).all() and all((pairs[k, 0] == f2[2 * k - 1, 0]).all() for k in range(1, len(frames)))
     frames = frames[:, 0]
     # ground truth is visible: the square is red in the frame of every answer's turn (decision time t -> frame t - 1)
