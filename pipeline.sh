@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole default pipeline on a CPU, offline: synthetic benchmark -> tiny base VLM (offline perception
 # stage, then the narrate stage, where it learns to watch a frame stream) -> streaming SFT with CE, focal
-# and CB-Stream at the same budget and seed -> GRPO from CB-Stream -> StreamPro-F1 of every model on the
+# and CB-Stream at the same budget and seed -> GRPO from CB-Stream and its control -> StreamPro-F1 of every model on the
 # synthetic test split (free-running streaming decoding), plus two controls (CE with its threshold tuned
 # on val; CB-Stream SFT continued on GRPO's videos and labels) and the model-free baselines -> results table.
 #
@@ -18,6 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 seeds=("${@:-0}")
 RL="--levels 2 --tasks EU,OU,AA,TP,TG,GP"  # GRPO's videos, and its control's (test_core.py holds them equal)
+CONTROL_OPT="--lr 1e-4 --warmup 5 --eval_every 50 --save_every 50"  # (chosen on val: STUDY.md)
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 
 # One stage: its output goes to its own log; the console gets one line when it starts.
@@ -43,16 +44,20 @@ prep() {
   stage "$o" narrator python sft.py --stage narrate --seed "$s" --model "$o/base" --out "$o/narrator" --resume
 }
 
-# The rest of a seed, in two lanes of about equal length: GRPO, its benchmark and calibrated CE | focal SFT and
-# the three other benchmarks.
+# The rest of a seed, in two lanes of about equal length: GRPO, its control and their benchmarks | focal SFT, the
+# other benchmarks and calibrated CE.
 run_seed() {
   local s=$1 o=out/seed$1
   sft() { stage "$o" "sft-$1" python sft.py --loss "$1" --seed "$s" --model "$o/narrator" --out "$o/sft-$1" --resume; }
   bench() { stage "$o" "$1.bench" python bench.py --model "$o/$1" "${@:2}"; }
+  # the control: CB-Stream SFT continued on GRPO's videos (the same split, seed and batch: the same videos in the
+  # same order), with their labels instead of rewards, for as many steps
+  control() { stage "$o" control python sft.py $RL --loss cb --seed "$s" --model "$o/sft-cb" --out "$o/control" --resume \
+      --batch 4 --micro_batch 4 --max_steps 50 $CONTROL_OPT; }
   side_by_side "sft cb" "sft ce"
-  side_by_side "stage $o grpo python grpo.py --seed $s --model $o/sft-cb --out $o/grpo --resume; bench grpo; stage $o sft-ce.calibrated.bench python bench.py --model $o/sft-ce --calibrate data/synthetic/val.jsonl" \
-               "sft focal; bench sft-focal; bench sft-ce; bench sft-cb"
-  for m in sft-ce sft-ce.calibrated sft-focal sft-cb grpo; do  # the headline of each model's table
+  side_by_side "stage $o grpo python grpo.py $RL --seed $s --model $o/sft-cb --out $o/grpo --resume; bench grpo; control; bench control" \
+               "sft focal; bench sft-focal; bench sft-ce; bench sft-cb; stage $o sft-ce.calibrated.bench python bench.py --model $o/sft-ce --calibrate data/synthetic/val.jsonl"
+  for m in sft-ce sft-ce.calibrated sft-focal sft-cb grpo control; do  # the headline of each model's table
     echo "  $m: $(grep -h 'Overall Avg' "$o/$m.bench.log")"
   done
 }

@@ -105,7 +105,7 @@ def get_args(argv=None):
     args = p.parse_args(words)
     if args.preset:  # a preset fills in what the command line did not give
         data.fill_defaults(args, words, PRESETS[args.preset])
-    stage_defaults = {"offline": dict(lr=2e-3, batch=32, micro_batch=32, max_steps=1500, warmup=50, eval_every=500, save_every=500),
+    stage_defaults = {"offline": dict(lr=2e-3, batch=32, micro_batch=32, max_steps=1000, warmup=50, eval_every=500, save_every=500),
                       "narrate": dict(lr=2e-3, batch=32, micro_batch=16, max_steps=600, warmup=50, eval_every=200, save_every=200,
                                       narration=1.0)}
     data.fill_defaults(args, words, stage_defaults.get(args.stage, {}))

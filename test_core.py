@@ -1780,12 +1780,20 @@ def test_bench_model_calibrate_and_table(trained, synth, tmp_path):
     rows = table.splitlines()
     assert rows[0].startswith("| model | PU") and rows[2].startswith("| CE |") and rows[3].startswith("| CE, threshold tuned on val |")
     assert f"{100 * res['summary']['w_avg']:.1f}" in rows[2]
-    # the Avg-per-seed column, then the free-running ROC-AUC on levels 0-1 (the trained ones) per seed
+    # the free-running ROC-AUC on levels 0-1, then the Avg of each seed
     samples = data.load_annotations(ann, check_videos=False)
     l01 = metric.roc_auc(*bench.decision_scores([s for s in samples if s["level"] < 2], res["preds"]))
     assert res["summary"]["auc_levels_01"] == l01 and 0 <= l01 <= 1
     assert all(m["auc"] is None or 0 <= m["auc"] <= 1 for m in res["summary"]["levels"].values())
-    assert rows[2].endswith(f"| {100 * res['summary']['avg']:.1f} | {l01:.2f} |")
+    assert rows[2].endswith(f"| {l01:.3f} | {100 * res['summary']['avg']:.1f} |")
+    # per level-2 task: F1, and the ROC-AUC of its own turns (None where a task has no positive turn)
+    eu = [s for s in samples if s["level"] == 2 and s["task"] == "EU"]
+    auc_eu = metric.roc_auc(*bench.decision_scores(eu, res["preds"]))
+    assert res["summary"]["levels"][2]["task_auc"]["EU"] == (None if np.isnan(auc_eu) else auc_eu)
+    f1_head, auc_head = rows.index("| model | EU | OU | AA | TP | TG | GP | RF |"), rows.index(
+        "| model | AUC L0–1 | AUC EU | AUC OU | AUC AA | AUC TP | AUC TG | AUC GP | AUC RF |")
+    assert rows[f1_head + 2].startswith("| CE |") and rows[auc_head + 2].startswith("| CE |")
+    assert rows[auc_head + 2].split(" | ")[2] == ("-" if np.isnan(auc_eu) else f"{auc_eu:.3f}")
 
 
 def test_best_threshold_by_hand():
