@@ -83,7 +83,7 @@ class Decay:
     most max_len tokens of KV per row when each turn's decision is read (an answer decoded after it may pass
     it by up to --max_new tokens until the next turn), and the features of the turns in context."""
 
-    KEEP = 2 / 3  # what a compression leaves of max_len (ours: the window's W = 2 x chunk, its rebuild period)
+    KEEP = 2 / 3  # what a compression leaves of max_len (ours: 2/3 re-encoded once per 1/3 added, as the window at W = 2 chunk)
 
     def __init__(self, max_len):
         self.max_len = max_len
@@ -195,7 +195,7 @@ def compress(units, budget, size, merge, ends_round, pinned):
         merged = False
         for r in rounds:
             i = 0
-            while i + 1 < len(r) and total > budget and not pinned(r[i]):
+            while i + 1 < len(r) and total > budget:  # (a pinned unit is a round of one)
                 m = merge(r[i], r[i + 1])
                 total += size(m) - size(r[i]) - size(r[i + 1])
                 r[i:i + 2] = [m]
