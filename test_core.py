@@ -248,7 +248,7 @@ def test_task_filters_follow_the_papers_split(synth):
 
 def test_show_cli(tiny, synth):
     out = run_py("model.py", "--show", "1", "--data", str(synth), "--model", tiny["qwen2_5_vl"])
-    assert "turn   0 " in out and "[img x4]" in out and "\u27e6</Silence>\u27e7" in out and "supervised" in out
+    assert "turn   0 " in out and "[img x9]" in out and "\u27e6</Silence>\u27e7" in out and "supervised" in out
 
 
 def test_perception_pairs():
