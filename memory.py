@@ -10,7 +10,6 @@ Before each turn Streams asks its memory whether the context must be rebuilt (du
 what the memory keeps of each row (keep), each kept turn's frame as the memory holds it (image): pixels,
 or the ViT's features (see), which Decay averages. Each class states its own cost.
 """
-import math
 import types
 from typing import NamedTuple
 
@@ -125,10 +124,10 @@ class Decay:
         rsp = fmt.decision_ids[data.RESPONSE]
         kept = compress(ctx[:cut], budget, size, lambda x, y: merge(fmt, x, y), lambda r: r["content"][:1] == [rsp],
                         lambda r: r["question"]) + ctx[cut:]
-        if len(S.system) + sum(map(size, kept)) > self.max_len * self.KEEP:
-            raise data.UserError(f"--max_len {self.max_len}: too small for the system prompt, the question turn and the "
-                                 f"newest turn ({len(S.system) + sum(map(size, kept))} tokens); give at least "
-                                 f"{math.ceil((len(S.system) + sum(map(size, kept))) / self.KEEP)}")
+        held = len(S.system) + sum(map(size, kept))
+        if held > self.max_len * self.KEEP:  # (only the system prompt, the question turn and the newest turns are left)
+            raise data.UserError(f"--max_len {self.max_len}: too small; the system prompt and the turns kept whole (the question "
+                                 f"turn, the newest quarter of max_len) take {held} tokens, over 2/3 of it")
         return kept
 
     @staticmethod
