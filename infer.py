@@ -10,6 +10,9 @@ whether to stay silent or to respond (SPEC sections 1, 3, 6).
     python infer.py --backend vllm --model CKPT --ann ANN.jsonl                      # GPU, vLLM with prefix caching
     python infer.py --speed                                                          # O(1)-per-frame benchmark
     python infer.py --speed --compile                                                # + each turn one compiled graph (compiled.py)
+    python infer.py --model out/sft-cb --ann ANN.jsonl --memory decay --max_len 8000 # StreamBridge's round-decayed memory (memory.py)
+    python infer.py --model out/sft-cb --ann ANN.jsonl --activation out/act          # StreamBridge's activation model decides (activation.py)
+    python infer.py --speed --memory decay --max_len 1500                            # + the decayed memory's row
 
 Each second appends one user turn (time marker, frame, the question when it is asked) to a
 persistent KV cache with explicit multimodal (mrope) position ids, then decodes the assistant turn:
@@ -30,10 +33,12 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+import activation as A
 import compiled
 import data
 import model as M
 import synthetic
+from memory import Decay, Window, cat, visual_inputs
 
 WAIT_PROMPT = (  # SPEC section 3: offline models answer through a decision tree, "Wait" meaning silence
     "You are watching a video stream frame by frame; each frame is labelled with the seconds it covers. "
@@ -47,20 +52,19 @@ WAIT_PROMPT = (  # SPEC section 3: offline models answer through a decision tree
 class Streams:
     """n video streams advancing one turn at a time through one batched, incremental KV-cache forward.
 
-    Sliding window (SPEC section 1): the context is the system prompt, the question turn and the most
-    recent turns. When the turns before the current one would number more than `window + chunk`
-    (data.window_start, the schedule the vLLM backend shares), every row's cache is rebuilt from
-    scratch over the system prompt, its question turn and its last `window` turns. Rebuilding costs one
-    prefill of `window` turns every `chunk + 1` turns, i.e. about window/chunk turn-prefills per frame
-    amortised, for `chunk` extra turns of memory: chunk = 1 re-encodes the window every other second;
-    chunk = window halves the memory's headroom for a single rebuild per `window` frames.
+    A turn costs one forward of its ~35 tokens (and a decoded token one of 1) against the cache, the ViT of
+    its frames, and attention over the row's context. What that context holds as the stream grows, and what
+    rebuilding it costs, is its memory's (memory.py, each class with its own cost): memory.Window, the sliding
+    window of SPEC section 1 (the default: `window`, `chunk`), or memory.Decay, StreamBridge's round-decayed
+    compression (SPEC section 6, --memory decay). A rebuild re-encodes every row from what its memory keeps.
 
     Every row also logs its trajectory as segments of token ids (a segment = one rebuilt prefix + the
     turns appended after it), the exact sequences the policy saw, for GRPO training (grpo.py)."""
 
-    def __init__(self, model, fmt, system, n, window=200, chunk=50, turn=None):
+    def __init__(self, model, fmt, system, n, window=200, chunk=50, turn=None, memory=None):
         self.model, self.fmt, self.n = model, fmt, n
-        self.window, self.chunk = window, max(1, chunk)
+        self.window, self.chunk = window, max(1, chunk)  # (compiled.StaticTurn sizes its cache from them)
+        self.memory = memory or Window(window, chunk)
         self.system = fmt.system_ids(system)
         self.pad = fmt.tok.pad_token_id
         self.cache, self.mask = DynamicCache(), torch.zeros(n, 0, dtype=torch.long, device=model.device)
@@ -70,7 +74,7 @@ class Streams:
         self.segments = [[{"prefix": list(self.system), "images": [], "turns": []}] for _ in range(n)]
         self.cur = [None] * n
         self.rebuilds, self.latency = 0, []  # latency: seconds of each turn (run_streams)
-        self.k = 0  # the turn observed next (data.window_start)
+        self.k = 0  # the turn observed next
         # the forward of each turn and decoded token: _forward below, or a compiled.StaticTurn's (--compile)
         self.step = self._forward if turn is None else functools.partial(turn.forward, self)
 
@@ -104,8 +108,7 @@ class Streams:
                 pos[:, b, : len(c)] = torch.arange(len(c)) + self.pos[b]
             self.pos[b] = pos[:, b, : len(c)].max() + 1
         self.mask = torch.cat([self.mask, new.to(dev)], 1)  # kept on the device: it grows with the context
-        kw = {"pixel_values": torch.cat(pvs).to(dev), "image_grid_thw": torch.cat(grids).to(dev),
-              **M.vision_inputs(self.model, torch.cat(grids), dev)} if pvs else {}
+        kw = visual_inputs(self.model, pvs, grids, dev) if pvs else {}  # pixels, or a memory's features (Decay)
         out = self.model.model(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=pos.to(dev),
                                past_key_values=self.cache, use_cache=True, mm_token_type_ids=types.to(dev), **kw)
         self.cache = out.past_key_values
@@ -113,18 +116,17 @@ class Streams:
         return self.model.lm_head(out.last_hidden_state[torch.arange(n), last.to(dev)]).float()
 
     def _rebuild(self):
-        """Drop old turns: re-encode system + question turn + the last `window` turns of every row, one row
-        at a time: rows padded to a common length made transformers build a dense (n, 1, L, L) mask, 13.5 GB
-        at 16 rows of 29k tokens (issue 19). The rows' caches are then right-padded into one."""
+        """Re-encode every row's context as its memory keeps it, one row at a time: rows padded to a common length
+        made transformers build a dense (n, 1, L, L) mask, 13.5 GB at 16 rows of 29k tokens (issue 19). The rows'
+        caches are then right-padded into one."""
         chunks, images = [], []
         for b in range(self.n):
-            ctx = self.ctx[b]
-            keep = [ctx[i] for i in data.window_turns(len(ctx), next((i for i, r in enumerate(ctx) if r["question"]), -1), self.window)]
-            self.ctx[b] = keep
+            keep = self.ctx[b] = self.memory.keep(self, b)
             ids = list(self.system) + [i for r in keep for i in r["ids"]]
+            seen = [self.memory.image(r) for r in keep]
             chunks.append(ids)
-            images.append((torch.cat([r["pv"] for r in keep]), torch.cat([r["grid"] for r in keep])) if keep else None)
-            self.segments[b].append({"prefix": ids, "images": [(r["pv"], r["grid"]) for r in keep], "turns": []})
+            images.append(cat(seen) if keep else None)
+            self.segments[b].append({"prefix": ids, "images": seen, "turns": []})
             self.pending[b] = []
         caches, pos = [], torch.zeros(self.n, dtype=torch.long)
         for b in range(self.n):
@@ -147,26 +149,25 @@ class Streams:
 
     def observe(self, inputs):
         """inputs: per row (frame uint8 HxWx3, marker, question or None), or None for a row with no
-        turn now. Feeds the previous turn's pending tokens and this user turn; returns the logits of
-        each row's first assistant token."""
-        cut = lambda k: data.window_start(k, self.window, self.chunk)  # the one schedule of both backends
-        if self.k and cut(self.k) > cut(self.k - 1):
+        turn now. Makes each row's user turn, rebuilds the context first if the memory says so, feeds the
+        previous turn's pending tokens and this user turn; returns the logits of each row's first assistant token."""
+        images = []
+        for b, x in enumerate(inputs):
+            if x is not None:
+                frame, marker, question = x
+                pv, grid, n_img = self.fmt.images(frame[None])
+                self.cur[b] = {"k": self.k, "marker": marker, "user": self.fmt.user_ids(marker, n_img[0], question), "pv": pv,
+                               "grid": grid, "question": question is not None, "content": [], "logp": []}
+            images.append((pv, grid) if x is not None else None)
+        if self.memory.due(self, [len(self.cur[b]["user"]) if x is not None else 0 for b, x in enumerate(inputs)]):
             self._rebuild()
         self.k += 1
-        chunks, images = [], []
+        chunks = []
         for b, x in enumerate(inputs):
-            if x is None:
-                chunks.append([])
-                images.append(None)
-                continue
-            frame, marker, question = x
-            pv, grid, n_img = self.fmt.images(frame[None])
-            u = self.fmt.user_ids(marker, n_img[0], question)
-            self.cur[b] = {"user": u, "pv": pv, "grid": grid, "question": question is not None, "content": [], "logp": []}
-            chunks.append(self.pending[b] + u)
-            images.append((pv, grid))
-            self.pending[b] = []
-        return self.step(chunks, images)
+            chunks.append(self.pending[b] + self.cur[b]["user"] if x is not None else [])
+            if x is not None:
+                self.pending[b] = []
+        return self.step(chunks, self.memory.see(self, images))
 
     def feed(self, tokens):
         """One token per row (None: nothing) -> logits after it."""
@@ -232,6 +233,15 @@ class Greedy:
         return first != self.rsp
 
 
+class Answer(Greedy):
+    """--activation: the decision is the activation model's (StreamBridge; run_streams keeps the rows where it does not
+    fire silent), so every turn decoded here is an answer: </Response>, then greedy text. The main model's own
+    decision tokens are not used."""
+
+    def first(self, logits):
+        return [self.rsp] * len(logits), [0.0] * len(logits)
+
+
 class FreeText(Greedy):
     """SPEC section 3's offline-model protocol: the whole turn is free greedy text ("Wait" or an answer)."""
 
@@ -282,15 +292,30 @@ def response_text(fmt, content):
     return data.split_decision(fmt.tok.decode(content, skip_special_tokens=False).replace(fmt.tok.decode([fmt.eos_id]), ""))
 
 
+def memory_of(args):
+    """--memory: the sliding window (--window, --chunk) or StreamBridge's round-decayed compression (--max_len)."""
+    return Decay(args.max_len) if getattr(args, "memory", "window") == "decay" else Window(args.window, args.chunk)
+
+
+def gate_for(model, args, n):
+    """--activation: the activation model's n streams beside the main model's, on its device (activation.Gate)."""
+    act, fmt, threshold = A.load(M.resolve(args.activation), str(model.device), dtype_of(args))
+    system = data.SYSTEM_PROMPT_3 if args.states == 3 else data.SYSTEM_PROMPT  # (as sft.py trained it)
+    S = Streams(act, fmt, system, n, args.window, args.chunk, memory=memory_of(args))
+    return A.Gate(S, threshold if args.act_threshold is None else args.act_threshold)
+
+
 def run_streams(model, fmt, batch, args, policy=None, on_turn=None):
     """Stream a batch of (sample, frames) together. Returns per sample {"responses", "p_response"}:
-    the responses (decision time, text) and p(</Response>) at every turn's decision position."""
+    the responses (decision time, text) and p(</Response>) at every turn's decision position (with --activation:
+    the activation model's probability, where the main model answers only if it fires)."""
     offline = getattr(args, "offline_model", False)
-    policy = policy or (FreeText if offline else Greedy)(fmt, args.states, getattr(args, "threshold", None), args.max_new,
-                                                         M.vocab_mask(model, fmt.tok))
+    gate = gate_for(model, args, len(batch)) if getattr(args, "activation", None) else None
+    policy = policy or (FreeText if offline else Answer if gate else Greedy)(
+        fmt, args.states, getattr(args, "threshold", None), args.max_new, M.vocab_mask(model, fmt.tok))
     system = WAIT_PROMPT if offline else data.build_conversation(batch[0][0], 1, states=args.states)["system"]
     turn = compiled.StaticTurn.of(model, len(batch), args.compile) if getattr(args, "compile", None) else None
-    S = Streams(model, fmt, system, len(batch), args.window, args.chunk, turn=turn)
+    S = Streams(model, fmt, system, len(batch), args.window, args.chunk, turn=turn, memory=memory_of(args))
     out = [{"responses": [], "p_response": [], "decisions": []} for _ in batch]
     q = [data.question_turn(s["query_time"], args.fps) for s, _ in batch]
     rsp = fmt.decision_ids[data.RESPONSE]
@@ -301,6 +326,9 @@ def run_streams(model, fmt, batch, args, policy=None, on_turn=None):
         t0 = time.perf_counter()  # (after the frames arrived: --realtime waits for them)
         logits = S.observe(inputs)
         early = {b for b in rows if k < q[b]} if args.silent_before_question else set()
+        if gate:  # StreamBridge: the main model answers only where the activation model fires
+            p = gate.observe(inputs)
+            early |= {b for b in rows if p[b] < gate.threshold}
         if offline:  # before the question the offline model only watches: its turn is a forced "Wait"
             turns = {b: (fmt.ids("Wait") + [fmt.eos_id], None) for b in early}
             for b, (content, _) in turns.items():
@@ -308,7 +336,7 @@ def run_streams(model, fmt, batch, args, policy=None, on_turn=None):
             turns.update(decode_turn(S, logits, [b for b in rows if b not in early], policy))
         else:
             turns = decode_turn(S, logits, rows, policy, silent=early)
-        probs = torch.softmax(logits.float(), -1)[:, rsp].tolist()
+        probs = p if gate else torch.softmax(logits.float(), -1)[:, rsp].tolist()
         S.latency.append(time.perf_counter() - t0)
         for b in rows:
             content = turns[b][0]
@@ -549,9 +577,10 @@ def vllm_runner(args, todo):
 
 
 def speed(args):
-    """Tiny model, random frames, 300 turns of one stream, forced silence (the per-frame cost of
-    watching). Compares the incremental cache with a window, without one, and a naive loop that
-    re-encodes the whole context every second."""
+    """Tiny model, random frames, --speed_turns turns of one stream, forced silence (the per-frame cost of
+    watching). Compares the incremental cache with a window, without one, with StreamBridge's round-decayed
+    memory (--memory decay --max_len N), through the compiled turn (--compile), and a naive loop that re-encodes
+    the whole context every second."""
     torch.manual_seed(0)
     path = M.latest(args.model or "") or M.ensure_tiny()
     model, processor = M.load(path)
@@ -563,23 +592,25 @@ def speed(args):
     silence = [fmt.decision_ids[data.SILENCE], fmt.eos_id]
 
     def incremental(runs, repeats=3):
-        """runs: name -> (window, chunk, compiled turn or None). Each repeat streams every run once, in turn,
-        so a busy machine slows them alike; per turn, the fastest of the repeats: OS noise out, rebuilds
-        (deterministic) in. Returns name -> (latency per turn, cache bytes per turn, rebuilds, log-probs per turn)."""
+        """runs: name -> (window, chunk, compiled turn or None, memory or None). Each repeat streams every run once,
+        in turn, so a busy machine slows them alike; per turn, the fastest of the repeats: OS noise out, rebuilds
+        (deterministic) in. Returns name -> (latency per turn, cache bytes per turn, rebuilds, log-probs per turn,
+        context tokens per turn, the last Streams)."""
         lat, out = {name: [] for name in runs}, {}
         for _ in range(repeats):
-            for name, (window, chunk, turn) in runs.items():
-                S = Streams(model, fmt, data.SYSTEM_PROMPT, 1, window, chunk, turn=turn)
+            for name, (window, chunk, turn, memory) in runs.items():
+                S = Streams(model, fmt, data.SYSTEM_PROMPT, 1, window, chunk, turn=turn, memory=memory)
                 lat[name].append([])
-                mem, logp = [], []
+                mem, logp, tokens = [], [], []
                 for k in range(args.speed_turns):
                     t = time.perf_counter()
                     logits = S.observe([(frames[k], data.time_marker(k), "Tell me when the square turns red." if k == 0 else None)])
                     S.end_turn(0, silence, 0)
                     lat[name][-1].append(time.perf_counter() - t)
                     mem.append(S.cache_bytes())
+                    tokens.append(int(S.mask[0].sum()))
                     logp.append(torch.log_softmax(logits[0], -1))
-                out[name] = (np.min(lat[name], axis=0), np.array(mem), S.rebuilds, torch.stack(logp))
+                out[name] = (np.min(lat[name], axis=0), np.array(mem), S.rebuilds, torch.stack(logp), np.array(tokens), S)
         return out
 
     def naive(turns):
@@ -601,29 +632,44 @@ def speed(args):
 
     W, C = args.window, args.chunk
     print(f"model {path}; {args.speed_turns} turns of one stream; window {W}, rebuild chunk {C}")
-    runs = {"cache + window": (W, C, None), "cache, no window": (10**9, 1, None)}
+    runs = {"cache + window": (W, C, None, None), "cache, no window": (10**9, 1, None, None)}
+    if args.memory == "decay":  # StreamBridge's memory (memory.Decay), in the same run
+        runs[f"decay, max_len {args.max_len}"] = (W, C, None, Decay(args.max_len))
     if args.compile:  # the same streams through compiled.StaticTurn (its first turns compile it: the first repeat's)
-        runs["compiled + window"] = (W, C, compiled.StaticTurn.of(model, 1, args.compile))
-    res = incremental(runs)
-    nv = naive(181)
-    # turn 20: mean of turns 10-29 (no rebuild yet); turn 180: mean over whole rebuild periods around it,
-    # so the amortised cost of the rebuilds is in (a span that holds no rebuild would flatter the cache)
-    span = C * math.ceil(20 / C)
+        runs["compiled + window"] = (W, C, compiled.StaticTurn.of(model, 1, args.compile), None)
+    speed_table(incremental(runs), naive(181), args)
+
+
+def speed_table(res, nv, args):
+    """speed's rows. Turn 20: mean of turns 10-29 (no rebuild yet); turns 180 and 600: means over whole rebuild
+    periods around them, so the amortised cost of the rebuilds is in (a span that holds no rebuild would flatter the
+    cache); turn 600 needs --speed_turns 613. Cache: the KV cache's peak by turns 50/150/300/600; tokens: the peak context."""
+    span = args.chunk * math.ceil(20 / args.chunk)
     at20 = lambda lat: float(np.mean(lat[10:30])) * 1000
-    at180 = lambda lat: float(np.mean(lat[180 - span // 2: 180 - span // 2 + span])) * 1000
-    print(f"{'':18} {'turn 20 ms':>11} {'turn 180 ms':>12} {'180/20':>7} {'cache MB at 50/150/300':>24}")
-    for name, (lat, mem, *_) in res.items():
-        a, b = at20(lat), at180(lat)
-        m = [mem[min(i, len(mem) - 1)] / 2**20 for i in (49, 149, args.speed_turns - 1)]
-        print(f"{name:18} {a:11.1f} {b:12.1f} {b / a:7.2f} {'/'.join(f'{x:.1f}' for x in m):>24}")
-    print(f"{'re-encode (naive)':18} {nv[20] * 1000:11.1f} {nv[180] * 1000:12.1f} {nv[180] / nv[20]:7.2f}")
-    (lat_w, mem_w, rebuilds, logp_w), mem_n = res["cache + window"], res["cache, no window"][1]
-    print(f"at turn 180: cache + window is {nv[180] * 1000 / at180(lat_w):.1f}x faster than re-encoding; "
+    at = lambda lat, t: float(np.mean(lat[t - span // 2: t - span // 2 + span])) * 1000 if t - span // 2 + span <= len(lat) else float("nan")
+    marks = [t for t in (50, 150, 300, 600) if t <= args.speed_turns]
+    ms = lambda x: f"{x:.1f}" if x == x else "-"
+    print(f"{'':22} {'turn 20 ms':>11} {'turn 180 ms':>12} {'turn 600 ms':>12} {'180/20':>7} {'peak tokens':>12} "
+          f"{'peak cache MB by ' + '/'.join(map(str, marks)):>34}")
+    for name, (lat, mem, _, _, tokens, _) in res.items():
+        a, b = at20(lat), at(lat, 180)
+        peaks = "/".join(f"{mem[:t].max() / 2**20:.1f}" for t in marks)
+        print(f"{name:22} {a:11.1f} {b:12.1f} {ms(at(lat, 600)):>12} {b / a:7.2f} {tokens.max():12,d} {peaks:>34}")
+    print(f"{'re-encode (naive)':22} {nv[20] * 1000:11.1f} {nv[180] * 1000:12.1f} {'-':>12} {nv[180] / nv[20]:7.2f}")
+    (lat_w, mem_w, rebuilds, logp_w, *_), mem_n = res["cache + window"], res["cache, no window"][1]
+    print(f"at turn 180: cache + window is {nv[180] * 1000 / at(lat_w, 180):.1f}x faster than re-encoding; "
           f"{rebuilds} window rebuilds; median turn without a rebuild {np.median(lat_w[150:]) * 1000:.1f} ms; "
           f"peak cache {mem_w.max() / 2**20:.1f} MB with the window, {mem_n.max() / 2**20:.1f} MB without")
+    for name, (lat, mem, n, _, tokens, S) in res.items():
+        if name.startswith("decay"):
+            kept = sum(f.numel() * f.element_size() for r in S.ctx[0] for f in (r["vis"].embeds, *r["vis"].deep))
+            print(f"{name}: {n} compressions; turn 180 {at(lat, 180) / at(lat_w, 180):.2f}x the window's; context at most "
+                  f"{tokens.max():,} tokens; at the end {len(S.ctx[0])} turns in context cover {sum(r.get('frames', 1) for r in S.ctx[0])} "
+                  f"of the {args.speed_turns} s, "
+                  f"their features {kept / 2**20:.2f} MB beside the cache")
     if args.compile:
         lat_c, logp_c = res["compiled + window"][0], res["compiled + window"][3]
-        print(f"compiled: turn 180 {at180(lat_c) / at180(lat_w):.2f}x the eager one, median turn without a rebuild "
+        print(f"compiled: turn 180 {at(lat_c, 180) / at(lat_w, 180):.2f}x the eager one, median turn without a rebuild "
               f"{np.median(lat_c[150:]) * 1000:.1f} ms; log-probs of every turn within {(logp_c - logp_w).abs().max():.1e} of the eager ones")
 
 
@@ -658,12 +704,26 @@ def get_args(argv=None):
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND", help="HF backend: each turn's "
                    "forward is one compiled graph over a static KV cache (compiled.py; torch.compile's backend, default "
                    "inductor); with --speed, adds its row")
+    # StreamBridge (SPEC section 6): its memory, and its activation model gating this one
+    p.add_argument("--memory", default="window", choices=["window", "decay"], help="what a stream's context keeps: the "
+                   "sliding window (--window, --chunk) or the round-decayed compression (--max_len; memory.py); with --speed, adds its row")
+    p.add_argument("--max_len", type=int, default=None, help="--memory decay: the most tokens a stream's context holds at a decision")
+    p.add_argument("--activation", default=None, metavar="CKPT", help="an activation model (sft.py --activation) decides when "
+                   "--model answers: only on the turns where it fires (activation.py); p_response is then its probability")
+    p.add_argument("--act_threshold", type=float, default=None, help="--activation: fire when its probability >= this "
+                   "(default: the checkpoint's, chosen on the validation split)")
     return p.parse_args(data.cli_args(argv))
 
 
 def check_args(args):
     """Flags that cannot work, named before a model loads: sizes, files that exist, --ask_at within the video."""
-    data.check_flags(args, positive=("fps", "chunk", "streams", "max_new"), non_negative=("window",), fractions=("threshold",))
+    data.check_flags(args, positive=("fps", "chunk", "streams", "max_new", "max_len"), non_negative=("window",),
+                     fractions=("threshold", "act_threshold"))
+    if args.memory == "decay" and args.max_len is None:
+        raise data.UserError("--memory decay needs --max_len N: the most tokens a stream's context may hold")
+    if args.backend == "vllm" and (args.memory == "decay" or args.activation):
+        flag = "--memory decay" if args.memory == "decay" else "--activation"  # (the HF forward takes merged frames as features)
+        raise data.UserError(f"{flag} runs on the HF backend (StreamBridge's memory and gate are infer.Streams'): drop --backend vllm")
     if args.speed:
         if args.speed_turns < 181:
             raise data.UserError(f"--speed_turns {args.speed_turns}: must be >= 181 (the comparison is at turn 180)")
@@ -672,6 +732,8 @@ def check_args(args):
         raise data.UserError("give --ann ANN.jsonl, --video FILE --question TEXT, or --speed")
     if args.video and not args.question:
         raise data.UserError("--video needs --question")
+    if args.compile and args.memory == "decay":
+        raise data.UserError("--compile runs the window memory (its static cache): drop --memory decay or --compile")
     if args.backend == "vllm" and args.compile:
         raise data.UserError("--compile (a compiled HF turn) runs on the HF backend: drop --backend vllm (vLLM compiles its own)")
     if args.backend == "vllm" and args.offline_model:
@@ -679,6 +741,8 @@ def check_args(args):
     if args.backend == "vllm" and int(os.environ.get("RANK", -1)) != -1:
         raise data.UserError("--backend vllm runs in one process (vLLM spreads a model over GPUs itself): drop torchrun")
     M.check_model(args.offline_model or args.model, "--offline_model" if args.offline_model else "--model")
+    if args.activation:
+        A.check(args.activation)
     if args.video:
         try:
             seconds = data.video_duration(args.video)

@@ -89,6 +89,16 @@ def focal_loss(logits, labels, decision_ids, gamma=2.0, counts=None, num_items=N
     return _weighted_mean(nll, w, num_items)
 
 
+def bce_loss(scores, labels, num_items=None):
+    """StreamBridge's activation model (activation.py): binary cross-entropy of its scores (logits, (N,) or (N, 1))
+    against 0/1 labels, L = (1/N) sum_i -[y_i log s(x_i) + (1 - y_i) log(1 - s(x_i))], N = num_items when given
+    (the global number of labelled <ACT> positions, as for the losses above). Unweighted, as the paper's: the
+    operating point is a threshold, chosen afterwards (sft.eval_activation)."""
+    x = scores.reshape(-1).float()
+    nll = F.binary_cross_entropy_with_logits(x, labels.reshape(-1).to(x), reduction="none")
+    return _weighted_mean(nll, torch.ones_like(nll), num_items)
+
+
 def sft_loss(name, logits, labels, decision_ids, counts=None, num_items=None, beta=0.9999, lambda_text=2.0, gamma=2.0):
     """Dispatch by name (sft.py's --loss)."""
     if name == "ce":

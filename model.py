@@ -220,10 +220,15 @@ AttentionInterface.register("flash_windows", window_attention)
 
 def add_decision_tokens(model, tok):
     """Add </Silence> </Standby> </Response> as single special tokens (all three, so one checkpoint
-    serves both the 2- and 3-state formats) and give their embeddings the mean of the existing ones.
-    Real Qwen checkpoints have spare embedding rows beyond len(tokenizer): new ids land there and the
-    matrix keeps its size; a tiny model's matrix is grown to fit."""
-    new = [t for t in DECISION_TOKENS if t not in tok.get_vocab()]
+    serves both the 2- and 3-state formats): add_special_tokens."""
+    add_special_tokens(model, tok, DECISION_TOKENS)
+
+
+def add_special_tokens(model, tok, tokens):
+    """Add `tokens` as single special tokens (the decision tokens; activation.py's <ACT>) and give their embeddings
+    the mean of the existing ones. Real Qwen checkpoints have spare embedding rows beyond len(tokenizer): new ids
+    land there and the matrix keeps its size; a tiny model's matrix is grown to fit. `model` None: a tokenizer alone."""
+    new = [t for t in tokens if t not in tok.get_vocab()]
     if not new:
         return
     n_old = len(tok)

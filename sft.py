@@ -10,6 +10,7 @@ Supervised fine-tuning for the streaming format (SPEC sections 2 and 5). Three s
     python sft.py                                    # CPU: tiny base and narrator first if missing -> streaming SFT
     python sft.py --loss focal --out out/sft-focal   # the Streamo baseline at the same budget
     python sft.py --stage offline                    # only the tiny base model (then --stage narrate)
+    python sft.py --activation --model out/sft-cb    # StreamBridge's activation model (activation.py) -> out/act
     torchrun --standalone --nproc_per_node=2 sft.py  # 2 CPU processes (gloo), same result as 1
     torchrun --standalone --nproc_per_node=8 sft.py --preset qwen2.5-vl-3b \\
         --model /models/Qwen2.5-VL-3B-Instruct --data /data/sft.jsonl --val /data/val.jsonl --out out/sft-3b
@@ -34,9 +35,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import activation as A
 import data
 import model as M
-from losses import class_counts, sft_loss
+from losses import bce_loss, class_counts, sft_loss
 
 # -----------------------------------------------------------------------------
 # Config: defaults run the tiny model on the synthetic benchmark on a CPU
@@ -101,6 +103,11 @@ def get_args(argv=None):
     g.add_argument("--save_every", type=int, default=50)
     g.add_argument("--log_every", type=int, default=10)
     g.add_argument("--cache_gb", type=float, default=2.0, help="decoded frames kept in memory")
+    g = p.add_argument_group("activation model (StreamBridge, SPEC 6; activation.py)")
+    g.add_argument("--activation", action="store_true", help="train an activation model instead (stream stage): a score "
+                   "head on an added <ACT> token after each frame, BCE; default --out out/act")
+    g.add_argument("--act_last", type=float, default=0.1, help="P: the share of each answer's segment labelled positive "
+                   "(ours: 0.1, so in the synthetic data's segments, median 7 turns, only the answer's own turn)")
     words = data.cli_args(argv)
     args = p.parse_args(words)
     if args.preset:  # a preset fills in what the command line did not give
@@ -109,6 +116,8 @@ def get_args(argv=None):
                       "narrate": dict(lr=2e-3, batch=32, micro_batch=16, max_steps=600, warmup=50, eval_every=200, save_every=200,
                                       narration=1.0)}
     data.fill_defaults(args, words, stage_defaults.get(args.stage, {}))
+    if args.activation:
+        args.out = args.out or "out/act"
     args.out = args.out or {"offline": f"out/base-{args.family}", "narrate": f"out/narrator-{args.family}"}.get(args.stage, f"out/sft-{args.loss}")
     return args
 
@@ -120,6 +129,10 @@ def check_args(args):
                      non_negative=("max_steps", "epochs", "stop_at", "warmup", "window", "eval_every", "eval_samples",
                                    "grad_clip", "weight_decay", "gamma", "lambda_text", "cache_gb", "projector_lr"),
                      fractions=("narration", "beta", "min_lr_ratio"))
+    if args.activation and args.stage != "stream":
+        raise data.UserError(f"--activation trains on the streaming conversations: drop --stage {args.stage}")
+    if args.activation and not 0 < args.act_last <= 1:
+        raise data.UserError(f"--act_last {args.act_last:g}: must be within (0, 1]")
     check_run(args, files=args.stage == "stream")
     if args.model and not (args.resume and M.latest(args.out)):
         M.check_model(args.model)
@@ -300,6 +313,42 @@ def eval_stream(dmodel, fmt, val, args, rank, world, device, pad_id, autocast):
         n = lab.count(t)
         out[f"acc_{t[2:-1].lower()}"] = sum(p == l == t for p, l in zip(pred, lab)) / max(1, n)
     return out
+
+
+@torch.no_grad()
+def eval_activation(dmodel, fmt, val, args, rank, world, device, pad_id, autocast):
+    """Val metrics of an activation model (--activation). Its context holds none of its own outputs, so a
+    teacher-forced forward is what it reads streaming: its probability at every <ACT> from the question on, against
+    the turns that should respond (`auc`: the main format's labels, as bench.py scores p_response) and against its
+    own training labels (`act_auc`: the last --act_last of each segment); val_bce. `threshold` (ours) fires on as
+    many val turns as should respond (saved in the checkpoint: infer.py's default --act_threshold); the response
+    rate, precision and recall at it."""
+    import metric
+    dmodel.eval()
+    idx = list(range(min(args.eval_samples, len(val.samples))))[rank::world]
+    got = []  # (probability, should respond, act label) per turn from the question on
+    with M.full_params(dmodel) as model:
+        model = M.unwrap(model)
+        for j in range(0, len(idx), args.micro_batch):
+            items = [val.encode(i) for i in idx[j:j + args.micro_batch]]
+            with A.scoring(model):
+                scores, y, _ = supervised_logits(model, data.collate(items, pad_id), device, autocast)
+            rsp = [t["decision"] == data.RESPONSE for x in items for (_, d, _), t in zip(x["turn_spans"], x["turns"]) if x["labels"][d] != -100]
+            got += zip(torch.sigmoid(scores[:, 0].float()).tolist(), rsp, y.tolist())
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, got)
+        got = [x for g in gathered for x in g]
+    dmodel.train()
+    p, rsp, y = (np.array(v, dtype=float) for v in zip(*got))
+    threshold = float(np.sort(p)[::-1][max(int(rsp.sum()) - 1, 0)])
+    fire = p >= threshold
+    hit = float((fire * rsp).sum())
+    bce = -np.mean(y * np.log(np.clip(p, 1e-12, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-12, 1)))
+    return {"val_bce": float(bce), "auc": metric.roc_auc(p.tolist(), rsp.astype(bool).tolist()),
+            "act_auc": metric.roc_auc(p.tolist(), y.astype(bool).tolist()), "threshold": threshold,
+            "rsp_rate": float(fire.mean()), "true_rate": float(rsp.mean()),
+            "rsp_precision": hit / max(1.0, float(fire.sum())), "rsp_recall": hit / max(1.0, float(rsp.sum()))}
 
 
 CAPTION_KINDS = {"turned": "colour", "moved": "move", "vanished": "vanish", "flash": "flash"}  # synthetic.narration's captions
@@ -525,9 +574,13 @@ def forward_backward(dmodel, items, args, counts, n_sup, decision_ids, pad_id, d
     total = torch.zeros((), dtype=torch.float64, device=device)
     for j, mb in enumerate(micro):
         set_grad_sync(dmodel, j == len(micro) - 1)
-        logits, targets, _ = supervised_logits(dmodel, data.collate(mb, pad_id), device, autocast)
-        loss = sft_loss(args.loss if args.stage == "stream" else "ce", logits, targets, decision_ids,
-                        counts=counts, num_items=n_sup, beta=args.beta, lambda_text=args.lambda_text, gamma=args.gamma)
+        with A.scoring(dmodel) if args.activation else nullcontext():  # (the activation model's head: its scores)
+            logits, targets, _ = supervised_logits(dmodel, data.collate(mb, pad_id), device, autocast)
+        if args.activation:
+            loss = bce_loss(logits, targets, num_items=n_sup)
+        else:
+            loss = sft_loss(args.loss if args.stage == "stream" else "ce", logits, targets, decision_ids,
+                            counts=counts, num_items=n_sup, beta=args.beta, lambda_text=args.lambda_text, gamma=args.gamma)
         (loss * world).backward()  # DDP/FSDP average gradients over ranks; the loss is already global
         total += loss.detach()
         del logits, loss  # freed before the next micro-batch's forward, not after it
@@ -593,9 +646,12 @@ def run(args, ddp, rank, world, device):
         print0(f"{args.out} exists: {args.stage} stage skipped (delete it or pass --resume to continue)")
         return
     model, processor = M.load(ckpt or args.model, device=device, freeze_vision=not args.train_vision)
-    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+    if args.activation:  # <ACT>, the score head (its weights where the checkpoint has them), the <ACT> turn format
+        fmt = A.attach(model, processor, ckpt or args.model, args.act_last)
+    else:
+        fmt = data.ChatFormat(processor, M.frames_per_turn(model))
     pad_id = processor.tokenizer.pad_token_id
-    decision_ids = [fmt.decision_ids[t] for t in data.STATES[args.states]]
+    decision_ids = A.CLASSES if args.activation else [fmt.decision_ids[t] for t in data.STATES[args.states]]
     train, val, max_steps, load_step = stage_data(args, model, fmt, ckpt, rank, world)
     dmodel, opt, params = make_optimizer(model, args, ddp, device)
     start = step = restore(ckpt, dmodel, opt)["step"]
@@ -608,7 +664,8 @@ def run(args, ddp, rank, world, device):
 
     def evaluate():
         if args.stage == "stream":
-            return eval_stream(dmodel, fmt, val, args, rank, world, device, pad_id, autocast) if val else {}
+            evaluate_stream = eval_activation if args.activation else eval_stream
+            return evaluate_stream(dmodel, fmt, val, args, rank, world, device, pad_id, autocast) if val else {}
         return eval_offline(model, fmt, 96, seed=10**6 + args.seed, device=device) if rank == 0 else {}
 
     def save():
@@ -632,7 +689,7 @@ def run(args, ddp, rank, world, device):
             meter.add(n_tok, [len(x["input_ids"]) for x in items], sum(len(x["pixel_values"]) for x in items))
             rec = {"step": step, "loss": loss, "lr": lr, "gnorm": gnorm, "counts": [int(c) for c in counts]}
             if step % args.log_every == 0 or step == max_steps:
-                names = [t[2:-1].lower() for t in data.STATES[args.states]]
+                names = ["negative", "positive"] if args.activation else [t[2:-1].lower() for t in data.STATES[args.states]]
                 cls = " | " + " ".join(f"{k} {int(c)}" for k, c in zip(names, counts)) if args.stage == "stream" else ""
                 rec["tok_per_s"], hw = meter.read()
                 print0(f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {'-' if gnorm is None else f'{gnorm:.2f}'}"
@@ -643,6 +700,8 @@ def run(args, ddp, rank, world, device):
                 rec.update(ev)
                 if ev:
                     print0("eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                if "threshold" in ev:  # the activation model's operating point, saved with it (infer.py's default)
+                    model.config.streampro_act_threshold = ev["threshold"]
                 meter.restart()  # throughput counts training only
             log_line(log, rec)
             if step % args.save_every == 0 or step == max_steps or step == args.stop_at:

@@ -248,7 +248,7 @@ def test_task_filters_follow_the_papers_split(synth):
 
 def test_show_cli(tiny, synth):
     out = run_py("model.py", "--show", "1", "--data", str(synth), "--model", tiny["qwen2_5_vl"])
-    assert "turn   0 " in out and "[img x4]" in out and "\u27e6</Silence>\u27e7" in out and "supervised" in out
+    assert "turn   0 " in out and "[img x9]" in out and "\u27e6</Silence>\u27e7" in out and "supervised" in out
 
 
 def test_perception_pairs():
@@ -1624,6 +1624,159 @@ def test_bad_sample_is_named_or_skipped(tiny, synth, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# StreamBridge (SPEC 6): the round-decayed memory (memory.py) and the activation model (activation.py)
+
+import activation  # noqa: E402
+import memory  # noqa: E402
+
+
+def test_decay_merges_the_earliest_rounds_first_and_drops_only_past_merging():
+    """memory.compress on units of 10 tokens: two turns before the question, the question turn (pinned), a round that
+    ends with an answer, an open round. Each merge saves 10 tokens; a merged unit lists the units it holds."""
+    def units():
+        names = ["a0", "a1", "Q", "b0", "b1", "b2", "B3", "c0", "c1", "c2", "c3"]  # capital: an answer; Q: the question
+        return [{"id": [n], "q": n == "Q", "answer": n[0].isupper() and n != "Q"} for n in names]
+
+    def run(budget):
+        out = memory.compress(units(), budget, lambda u: 10, lambda a, b: {"id": a["id"] + b["id"], "q": False, "answer": b["answer"]},
+                              lambda u: u["answer"], lambda u: u["q"])
+        return ["+".join(u["id"]) for u in out]
+
+    assert run(110) == ["a0", "a1", "Q", "b0", "b1", "b2", "B3", "c0", "c1", "c2", "c3"]  # fits: nothing moves
+    assert run(90) == ["a0+a1", "Q", "b0+b1", "b2", "B3", "c0", "c1", "c2", "c3"]  # the earliest rounds first, until it fits
+    # a whole pass over every round, then the earliest again: older rounds decay more (b: 4 frames in one, c: 2 + 2)
+    assert run(50) == ["a0+a1", "Q", "b0+b1+b2+B3", "c0+c1", "c2+c3"]
+    # the dialogue alone over budget (every round one turn): the oldest turns are dropped, never the question
+    assert run(25) == ["Q", "c0+c1+c2+c3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decay_turns_equal_full_forward_over_the_compressed_sequence(tiny, family):
+    """--memory decay (memory.Decay), 2 streams in one batch, one answering every 10th turn (rounds): before every
+    decision each row's context is within max_len; every turn's logits equal one full forward over its segment (the
+    compressed prefix, merged frames as features, then the turns after it), positions by the model's own rope index;
+    a merged turn's features are the mean of the ViT's features of the frames it covers; the newest turns stay whole,
+    and the turns in context always cover every second (merged, not dropped)."""
+    model, processor = M.load(tiny[family])
+    model.eval()
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+    frames = np.random.default_rng(0).integers(0, 255, (40, fmt.frames_per_turn, 56, 56, 3), dtype=np.uint8)
+    max_len, q, text = 700, "Tell me when the square turns red.", fmt.ids(" The square turned red.")
+    S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 2, memory=memory.Decay(max_len))
+    got, kept = [[], []], [[], []]  # kept: each compression's turns, per row (its segment's prefix)
+    for k in range(40):
+        lg = S.observe([(frames[k], data.time_marker(k), q if k == 1 else None), (frames[39 - k], data.time_marker(k), q if k == 0 else None)])
+        assert all(int(S.mask[b].sum()) <= max_len for b in range(2)), k
+        for b in range(2):
+            if len(S.segments[b]) > len(kept[b]) + 1:  # just compressed: the newest turns (a quarter of max_len) are single frames
+                kept[b].append(list(S.ctx[b]))
+                newest = np.cumsum([len(r["ids"]) for r in reversed(S.ctx[b])])
+                assert all(r.get("frames", 1) == 1 for r, n in zip(reversed(S.ctx[b]), newest) if n <= max_len // 4)
+        for b in range(2):
+            got[b].append(lg[b])
+        S.end_turn(0, [fmt.decision_ids[data.SILENCE], fmt.eos_id], 0)
+        if k % 10 == 6:
+            for t in [fmt.decision_ids[data.RESPONSE], *text]:
+                S.feed([None, t])
+            S.end_turn(1, [fmt.decision_ids[data.RESPONSE], *text, fmt.eos_id], len(text) + 1)
+        else:
+            S.end_turn(1, [fmt.decision_ids[data.SILENCE], fmt.eos_id], 0)
+    assert S.rebuilds >= 2 and max(r.get("frames", 1) for b in range(2) for r in S.ctx[b]) >= 4
+
+    def full(ids, images):
+        t = torch.tensor(ids)[None]
+        kw = memory.visual_inputs(model, [x for x, _ in images], [g for _, g in images], "cpu")
+        with torch.no_grad():
+            return model(input_ids=t, attention_mask=torch.ones_like(t), mm_token_type_ids=(t == fmt.image_token_id).long(),
+                         image_grid_thw=torch.cat([g for _, g in images]), **kw).logits[0, -1]
+
+    with torch.no_grad():  # each frame's features, from its pixels
+        seen = [[model.model.get_image_features(*fmt.images(frames[k if b == 0 else 39 - k][None])[:2]).pooler_output[0]
+                 for k in range(40)] for b in range(2)]
+    for b in range(2):
+        turn = 0
+        assert [s for r in S.ctx[b] for s in range(r.get("first", r["k"]), r["k"] + 1)] == list(range(40))
+        for seg, recs in zip(S.segments[b], [[]] + kept[b]):
+            ids, images = list(seg["prefix"]), list(seg["images"])
+            for r, (x, _) in zip(recs, images, strict=True):  # a (merged) frame: the mean of the frames its turn covers
+                assert torch.allclose(x.embeds, torch.stack(seen[b][r.get("first", r["k"]):r["k"] + 1]).mean(0), atol=1e-5)
+            for r in seg["turns"]:
+                ids += r["user"]
+                images.append((r["vis"], r["grid"]))
+                assert torch.allclose(full(ids, images), got[b][turn], atol=1e-4), (b, turn)
+                ids += r["content"] + r["tail"]
+                turn += 1
+        assert turn == 40
+
+
+def test_act_labels_by_hand():
+    """The activation model's labels (activation.act_labels): None before the question; the last P of each answer's
+    segment (from the turn after the previous answer, the first from the question turn) positive, at least its turn."""
+    conv = data.build_conversation(sample([{"time": 6.0, "text": "a"}, {"time": 16.0, "text": "b"}], query_time=2.0, duration=20.0), 20)
+    assert [t["k"] for t in conv["turns"] if t["decision"] == data.RESPONSE] == [5, 15]  # segments: turns 2-5, 6-15
+    assert activation.act_labels(conv, 0.1) == [None, None, 0, 0, 0, 1] + [0] * 9 + [1, 0, 0, 0, 0]
+    assert activation.act_labels(conv, 0.5) == [None, None, 0, 0, 1, 1] + [0] * 5 + [1] * 5 + [0] * 4
+    assert activation.act_labels(conv, 1.0) == [None, None] + [1] * 14 + [0] * 4
+
+
+@pytest.fixture(scope="session")
+def act(tiny, synth, tmp_path_factory):
+    """A tiny activation model (sft.py --activation), 30 steps, evaluated at its end on its own training data."""
+    out = tmp_path_factory.mktemp("act") / "act"
+    sft.main(act_args(tiny, synth, out))
+    return str(out)
+
+
+def act_args(tiny, synth, out, *extra):
+    return sft.get_args(["--activation", "--model", tiny["qwen2_5_vl"], "--data", str(synth / "train.jsonl"), "--val", str(synth / "train.jsonl"),
+                         "--levels", "0,1", "--out", str(out), "--max_steps", "30", "--batch", "4", "--micro_batch", "4", "--lr", "3e-3",
+                         "--log_every", "100", "--eval_every", "0", "--eval_samples", "21", "--save_every", "1000", *extra])
+
+
+def test_activation_model_learns_and_resumes(act, tiny, synth, tmp_path):
+    """sft.py --activation: the score head learns the <ACT> labels (ROC-AUC well above chance on the conversations it
+    trained on, against the turns that should respond and its own labels); the head and the threshold are saved with the
+    checkpoint and read back (activation.load: the LM head replaced by the score head); a run cut at step 15 and resumed
+    repeats the uninterrupted run's losses."""
+    last = json.loads(open(os.path.join(act, "log.jsonl")).readlines()[-1])
+    assert last["auc"] > 0.8 and last["act_auc"] > 0.8, last
+    config = json.load(open(os.path.join(act, "config.json")))
+    assert config["streampro_act"] and config["streampro_act_threshold"] == last["threshold"]
+    model, fmt, threshold = activation.load(act)
+    assert model.lm_head is model.act_head and threshold == last["threshold"] and fmt.act == fmt.tok.convert_tokens_to_ids("<ACT>")
+    b = tmp_path / "b"
+    sft.main(act_args(tiny, synth, b, "--stop_at", "15"))
+    sft.main(act_args(tiny, synth, b, "--resume"))
+    assert np.allclose(losses_of(act), losses_of(b), rtol=0, atol=1e-6), (losses_of(act), losses_of(b))
+
+
+def test_gate_answers_only_where_the_activation_model_fires(trained, act, synth):
+    """infer.py --activation: the main model answers on exactly the turns from the question on where the activation
+    model's probability (written as p_response) reaches --act_threshold, whatever its own decision tokens say; at
+    threshold 1 it never answers. The same with --memory decay, compressing."""
+    model, processor = M.load(trained)
+    model.eval()
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+    samples = [s for s in data.load_annotations(str(synth / "test.jsonl")) if s["level"] == 0][:3]
+    batch = [(s, fmt.video(s["video_path"])[0]) for s in samples]
+    common = ["--model", trained, "--activation", act, "--max_new", "6"]
+    probe, _ = infer.run_streams(model, fmt, batch, infer.get_args(common + ["--act_threshold", "1"]))
+    assert not any(o["responses"] for o in probe)
+    qs = [data.question_turn(s["query_time"]) for s in samples]
+    threshold = float(np.median([p for o, q in zip(probe, qs) for p in o["p_response"][q:]]))
+    for extra in ([], ["--memory", "decay", "--max_len", "400"]):
+        out, S = infer.run_streams(model, fmt, batch, infer.get_args(common + ["--act_threshold", str(threshold)] + extra))
+        fired = 0
+        for o, q, ref in zip(out, qs, probe):
+            assert np.allclose(o["p_response"], ref["p_response"], atol=1e-4) if not extra else True
+            want = [float(k + 1) for k, p in enumerate(o["p_response"]) if k >= q and p >= threshold]
+            assert [r["time"] for r in o["responses"]] == want and all(r["text"] for r in o["responses"])
+            fired += len(want)
+        assert 0 < fired < sum(len(f) - q for (_, f), q in zip(batch, qs))
+    assert S.rebuilds > 0  # (the decay run compressed)
+
+
+# -----------------------------------------------------------------------------
 # GRPO (grpo.py): advantages, the clipped loss, rollouts that reproduce their log-probs, an update
 
 import grpo  # noqa: E402
@@ -2170,6 +2323,11 @@ BAD_INPUTS = [  # (command line, words of the error line, paths that must not ex
     ("rewards.py --make_rubrics {tmp}/absent.jsonl --offline", ["absent.jsonl: annotation file not found"], []),
     ("synthetic.py --levels x --out {tmp}/syn", ["--levels x"], ["syn"]),
     ("costs.py qwen2.5-vl-3b --frames 0", ["--frames 0: must be > 0"], []),
+    ("infer.py --model {tiny} --ann {tmp}/novideo.jsonl --backend vllm --memory decay --max_len 900",
+     ["--memory decay runs on the HF backend", "drop --backend vllm"], []),
+    ("infer.py --model {tiny} --ann {tmp}/novideo.jsonl --backend vllm --activation {tiny}", ["--activation runs on the HF backend"], []),
+    ("infer.py --model {tiny} --ann {tmp}/novideo.jsonl --activation {tiny} --out {tmp}/p.jsonl", ["--activation", "not an activation model"], ["p.jsonl"]),
+    ("infer.py --speed --memory decay", ["--memory decay needs --max_len"], []),
 ]
 
 
