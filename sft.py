@@ -64,11 +64,11 @@ def get_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data", default=os.path.join(data.DEFAULT_DATA, "train.jsonl"))
     g.add_argument("--val", default=os.path.join(data.DEFAULT_DATA, "val.jsonl"))
-    # The paper's SFT tasks (StreamPro 4.3, B.2) are EC, AC, EU, OU, TP, TG. (ours) On the synthetic data the
-    # narrate stage stands for EC/AC (captions of what happens), levels 0-1 are OU; AA, GP and RF stay out of
-    # SFT (AA and GP are GRPO's, RF is held out of both and only tested). Real data: --levels '' --tasks ''.
+    # The paper's SFT tasks (StreamPro 4.3, B.2): EC, AC, EU, OU, TP, TG. (ours) The synthetic data has no EC/AC:
+    # the narrate stage stands for them (captions of what happens); levels 0-1 are OU. AA and GP are GRPO's, RF
+    # is held out of both and only tested. Real data with other task names: --levels '' --tasks ''.
     g.add_argument("--levels", default="0,1,2", help="synthetic difficulty levels to train on ('' = all)")
-    g.add_argument("--tasks", default="OU,EU,TP,TG", help="tasks to train on, with --levels ('' = all)")
+    g.add_argument("--tasks", default="EC,AC,EU,OU,TP,TG", help="tasks to train on, with --levels ('' = all)")
     g.add_argument("--states", type=int, default=2, choices=[2, 3])
     g.add_argument("--fps", type=float, default=1.0)
     g.add_argument("--window", type=int, default=200, help="turns kept besides the question turn (0 = all)")
