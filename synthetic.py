@@ -414,16 +414,18 @@ def perception_pairs(n, seed=0, size=SIZE, max_objects=2):
     return out
 
 
-def narration(n, seed=0, size=SIZE, max_turns=8, p_change=0.4, kinds=("colour", "move", "vanish", "flash"),
-              weights={"colour": 0.35, "move": 0.4, "vanish": 0.1, "flash": 0.15}):
+NARRATED = {"colour": 0.35, "move": 0.4, "vanish": 0.1, "flash": 0.15}  # the narrate stage's events, and their shares
+
+
+def narration(n, seed=0, size=SIZE, max_turns=8, p_change=0.4, events=NARRATED):
     """(ours) n short frame streams for the tiny base, each turn captioned with what happened in it: turn k
     is a 2-frame chunk (the frames at k - 0.5 s and k s, as data.load_video cuts them) and its caption is
     "The {shape} turned {colour}.", "The {shape} moved {dir}." (every turn of a 1-3 s one-cell move),
     "The {shape} vanished.", "There was a bright flash." (both turns that show the bright second) or
-    "Nothing changed.". Answering every turn about
-    its own chunk teaches the LM to read the latest frame among several, which single-image pairs never ask
-    for and streaming needs at every decision (STUDY.md: tiny models); the kinds of event are those the
-    level-2 tasks ask about (moves: EU, TP, TG, GP; vanishing and flashes: AA)."""
+    "Nothing changed.". Answering every turn about its own chunk teaches the LM to read the latest frame
+    among several, which single-image pairs never ask for and streaming needs at every decision (STUDY.md:
+    tiny models); the events are those the level-2 tasks ask about (moves: EU, TP, TG, GP; vanishing and
+    flashes: AA), `events` gives their shares."""
     rng = np.random.default_rng([*np.ravel(seed).tolist(), 11])
     out = []
     for _ in range(n):
@@ -432,7 +434,7 @@ def narration(n, seed=0, size=SIZE, max_turns=8, p_change=0.4, kinds=("colour", 
         captions, k = ["Nothing changed."] * T, 1
         while k < T:
             live = [i for i in range(len(sc.obj)) if sc.obj[i]["visible"][k]]
-            kind = str(rng.choice(kinds, p=[weights[x] for x in kinds] / np.sum([weights[x] for x in kinds]))) \
+            kind = str(rng.choice(list(events), p=np.array(list(events.values())) / sum(events.values()))) \
                 if rng.random() < p_change and live else None
             i = int(rng.choice(live)) if live else 0
             shape = sc.obj[i]["shape"]
