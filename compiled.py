@@ -25,8 +25,8 @@ class StaticTurn:
     """The forward of n streams over a static KV cache, in two compiled shapes.
 
     Shapes: a *turn* is each row's pending tokens and user turn (time marker, one frame) padded to T
-    tokens, T being the longest such turn up to the marker of 99,999 s; a *step* is one decoded token per
-    row. A row with nothing now takes part as a turn of padding (a blank frame, every slot masked).
+    tokens, T being the longest such turn up to the marker of 999 s (past it, of 99,999 s: one recompile);
+    a *step* is one decoded token per row. A row with nothing now takes part as a turn of padding (a blank frame, every slot masked).
     Anything else runs the same code eagerly over the same cache: the first turn (system prompt), the
     question turn, a longer chunk, another frame size. So the two graphs are compiled at the first turn
     and the first answer, and never again for this model and n.
@@ -37,8 +37,8 @@ class StaticTurn:
     by the longest row's chunk, as in Streams: the next forward writes over the padding at the end, and
     a shorter row's padding stays masked out for good. Attention reads the cache up to the end of the
     write, rounded up (Slots.step; the graphs' one dynamic size), not the empty rest.
-    Streams' window rebuild re-encodes each row eagerly, as without --compile (Streams._rebuild), into a
-    DynamicCache that is then copied here. If long answers fill the cache, it grows x2 (a recompile).
+    Streams' window rebuild re-encodes every row here (refill: one causal forward from empty, eager, as
+    Streams._refill without --compile). If long answers fill the cache, it grows x2 (a recompile).
 
     Cost per turn: one forward of n x T tokens against the used cache, the ViT of n frames, and on the
     host the ids, the positions (each chunk's rope index looked up by its layout and added to the row's
@@ -49,15 +49,15 @@ class StaticTurn:
         """backend: torch.compile's (None: the same code path uncompiled, what costs.py measures)."""
         self.model, self.n, self.dev = model, n, model.device
         self.cache, self.T, self.grid = None, None, None
-        self.owner, self.rebuilds, self.off = None, 0, 0
+        self.owner, self.off = None, 0
         self.templates = {}  # a chunk's layout -> its rope positions from 0 (3, L) and the offset it moves
-        # inductor: CUDA graphs on a GPU ("reduce-overhead"), C++ kernels on a CPU; one graph per shape
-        # (dynamic=False), the cache's read span their one dynamic size (Slots.aim)
-        mode = "reduce-overhead" if backend == "inductor" and self.dev.type == "cuda" else None
-        # guards on the model's modules (~1,900 per call, ~0.1 ms on a CPU) are left out: the model is fixed for this turn
-        guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        self.graph = torch.compile(self._run, backend=backend, fullgraph=True, dynamic=False, mode=mode,
-                                   options=guards) if backend else self._run
+        # inductor: CUDA graphs on a GPU (mode "reduce-overhead"), C++ kernels on a CPU; one graph per shape (dynamic=False),
+        # the cache's read span their one dynamic size (Slots.aim). Left out: dynamo's guards on the model's modules
+        # (~1,900 a call, ~0.1 ms on a CPU; the model is fixed here) and inductor's re-checks of the inputs' strides
+        opts = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if backend == "inductor":
+            opts.update({"triton.cudagraphs": self.dev.type == "cuda", "size_asserts": False, "alignment_asserts": False})
+        self.graph = torch.compile(self._run, backend=backend, fullgraph=True, dynamic=False, options=opts) if backend else self._run
         self.patches = _Patches(model.model.visual.patch_embed.proj)
         lm = model.model.language_model
         if hasattr(lm, "_deepstack_process") and not isinstance(lm._deepstack_process, functools.partial):
@@ -75,9 +75,12 @@ class StaticTurn:
         of each row's last new token, (n, V)."""
         if self.cache is None:
             self._allocate(S, images)
-        if S is not self.owner or S.rebuilds != self.rebuilds:
+        if S is not self.owner:
             self._load(S)
-        kind = self._kind(chunks, images)
+        kind = self._kind(chunks, images, self.T)
+        if kind is None and self.T < self.widest and self._kind(chunks, images, self.widest):
+            print(f"compiled turn: past {self.T}-token turns (a stream past 999 s), {self.widest} (one recompile)", file=sys.stderr)
+            self.T, kind = self.widest, "turn"
         L = {"turn": self.T, "step": 1}.get(kind) or max(len(c) for c in chunks)
         if self.off + L > self.cache.slots:
             self._resize(max(2 * self.cache.slots, self.off + L), S)
@@ -95,8 +98,8 @@ class StaticTurn:
         pv, self.grid = next(im for im in images if im is not None)
         self.n_img = int(self.grid.prod()) // fmt.merge**2
         self.blank = torch.zeros_like(pv)
-        longest = fmt.user_ids(data.time_marker(99999), self.n_img)
-        self.T = len(longest) + 2 + len(fmt.asst_close_tail)  # and pending: the decision, end of turn, tail
+        # and pending: the decision, end of turn, tail; up to 999 s first (padding: the turn's largest cost but one)
+        self.T, self.widest = (len(fmt.user_ids(data.time_marker(k), self.n_img)) + 2 + len(fmt.asst_close_tail) for k in (999, 99999))
         turns = S.window + S.chunk + 2 if 0 < S.window < 10**5 else 64
         self.cache = Slots(self.model, self.n, -(-(len(S.system) + (turns + 4) * self.T) // 256) * 256)
         self.vision = self._vision([self.grid] * self.n)
@@ -109,26 +112,37 @@ class StaticTurn:
         S.cache, S.mask = self.cache, self.cache.valid
 
     def _load(self, S):
-        """A new Streams starts empty; one that rebuilt its window holds its rows in a DynamicCache."""
-        if S is self.owner:
-            L = S.mask.shape[1]
-            if L > self.cache.slots:
-                self._resize(L, S)
-            self.cache.put(S.cache, S.mask, L)
-        else:
-            self.cache.put(None, None, 0)
-        self.off = self.cache.used
+        """A new Streams starts empty."""
+        self.cache.put(None, None, 0)
+        self.off = 0
         S.cache, S.mask = self.cache, self.cache.valid
-        self.owner, self.rebuilds = S, S.rebuilds
+        self.owner = S
+
+    @torch.no_grad()
+    def refill(self, S, chunks, images):
+        """Streams._refill's contract (a window rebuild): every row's context re-encoded from empty. One forward of all the
+        rows, each right-padded to the longest: causal with no mask, since a row's padding comes after its tokens; eager
+        (its length changes with every rebuild), through the same forms as the turns (_static_forms). Positions: each
+        row's own rope index from 0, the model's function, as Streams._refill."""
+        if S is not self.owner:
+            self._load(S)
+        L = max(len(c) for c in chunks)
+        if L > self.cache.slots:
+            self._resize(L, S)
+        self.cache.put(None, None, 0)
+        x = self._whole(S, chunks, images, L)
+        with _static_forms(self.model, self.patches):
+            self._run(**x, fresh=True)
+        self.off = L  # the next forward writes after the longest row; a shorter row's padding stays masked out
 
     # -------------------------------------------------------------------------
     # host inputs
 
-    def _kind(self, chunks, images):
-        """"turn", "step" or None (eager, at the chunks' own length)."""
+    def _kind(self, chunks, images, T):
+        """"turn" (fits T tokens), "step" or None (eager, at the chunks' own length)."""
         if not images:
             return "step" if all(len(c) <= 1 for c in chunks) else None
-        fits = all((not c and im is None) or (im is not None and len(c) <= self.T and torch.equal(im[1], self.grid))
+        fits = all((not c and im is None) or (im is not None and len(c) <= T and torch.equal(im[1], self.grid))
                    for c, im in zip(chunks, images))
         return "turn" if fits else None
 
@@ -165,6 +179,38 @@ class StaticTurn:
         self.cache.aim(self.off, L)
         return x
 
+    def _whole(self, S, chunks, images, L):
+        """refill's inputs: each row's chunk, its frames anywhere in it, from position 0. Positions: the text before the
+        first frame counts up; each span from a frame's first token to the next frame's is looked up by its layout
+        (_template) and added to the running offset (the model's function over the whole chunk: ~5 ms at 50 turns)."""
+        n, img = self.n, S.fmt.image_token_id
+        ids, new = torch.full((n, L), S.pad, dtype=torch.long), torch.zeros(n, L, dtype=torch.bool)
+        pos = torch.zeros(3, n, L, dtype=torch.long)  # padding: any position, it is never attended
+        at, pvs, grids = [], [], []
+        for b, c in enumerate(chunks):
+            t = torch.tensor(c)
+            ids[b, : len(c)], new[b, : len(c)], is_img = t, True, t == img
+            starts = is_img & ~torch.cat([torch.zeros(1, dtype=torch.bool), is_img[:-1]])  # each frame's first token
+            ends = starts.nonzero()[:, 0].tolist() + [len(c)]
+            pos[:, b, : ends[0]], off = torch.arange(ends[0]), ends[0]
+            for i, (s, e) in enumerate(zip(ends, ends[1:])):
+                rel, top = self._template(S, c[s:e], images[b][1][i:i + 1])
+                pos[:, b, s:e] = rel + off
+                off += top
+            S.pos[b] = off
+            if images[b] is not None:
+                at.append(b * L + is_img.nonzero()[:, 0])
+                pvs.append(images[b][0])
+                grids.append(images[b][1])
+        x = {"ids": ids, "new": new, "pos": pos, "last": torch.tensor([len(c) - 1 for c in chunks])}
+        if pvs:
+            x.update(pixel_values=torch.cat(pvs), image_at=torch.cat(at))
+        x = {k: v.to(self.dev, non_blocking=True) for k, v in x.items()}
+        if pvs:
+            x["vision"] = self._vision(grids)
+        self.cache.aim(0, L)
+        return x
+
     def _template(self, S, chunk, grid):
         """A chunk's rope positions from 0 and the offset it moves its row by, kept by layout: the model's
         own function, once per layout (Streams._forward calls it for every chunk)."""
@@ -185,7 +231,7 @@ class StaticTurn:
     # -------------------------------------------------------------------------
     # the forward: compiled for the two shapes, eager otherwise
 
-    def _run(self, ids, new, pos, last, pixel_values=None, image_at=None, vision=None):
+    def _run(self, ids, new, pos, last, pixel_values=None, image_at=None, vision=None, fresh=False):
         m = self.model.model
         h = m.get_input_embeddings()(ids)
         extra = {}
@@ -194,7 +240,7 @@ class StaticTurn:
             h = h.flatten(0, 1).index_copy(0, image_at, out.pooler_output.to(h.dtype)).view_as(h)
             if getattr(out, "deepstack_features", None):
                 extra = {"visual_pos_masks": image_at, "deepstack_visual_embeds": out.deepstack_features}
-        mask = self.cache.mask(new)
+        mask = self.cache.mask(new, fresh)
         out = m.language_model(inputs_embeds=h, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
                                use_cache=True, **extra)
         rows = torch.arange(ids.shape[0], device=ids.device)
@@ -228,9 +274,12 @@ class Slots:
         torch._dynamo.mark_dynamic(self.span, 0)
         self.used = off + L
 
-    def mask(self, new):
-        """(n, 1, L, span): a query attends to the valid positions up to its own (causal)."""
+    def mask(self, new, fresh=False):
+        """(n, 1, L, span): a query attends to the valid positions up to its own (causal). Fresh (StaticTurn.refill: every
+        row written from position 0, its padding after its tokens): None, plain causal attention (_static_attention)."""
         self.valid.index_copy_(1, self.at, new)
+        if fresh:
+            return None
         K = self.span.shape[0]
         return self.valid[:, None, None, :K] & (self.span[None, :] <= self.at[:, None])[None, None]
 
@@ -256,14 +305,19 @@ class _Layer:
 
 
 def _static_attention(module, query, key, value, mask, scaling=None, **kwargs):
-    """The LM's attention over Slots: SDPA with the cache's boolean mask. On a CPU with the model's own kv heads
-    (enable_gqa), where transformers' SDPA path repeats each kv head per query head first whenever a mask is given: a
-    copy of all the keys and values read, in every layer of every turn (~0.2 ms a layer at 2,000 positions here). A
-    GPU's kernel for a mask (memory-efficient) takes no grouped heads: there they are repeated, as transformers does."""
-    gqa = query.device.type == "cpu"
+    """The LM's attention over Slots: SDPA with the cache's boolean mask, or with none after a refill from empty (causal,
+    over the new positions only). On a CPU with the model's own kv heads (enable_gqa), where transformers' SDPA path
+    repeats each kv head per query head first whenever a mask is given: a copy of all the keys and values read, in
+    every layer of every turn (~0.2 ms a layer at 2,000 positions here). A GPU's kernel for a mask (memory-efficient)
+    takes no grouped heads: there they are repeated, as transformers does."""
+    L = query.shape[2]
+    if mask is None:
+        key, value = key[:, :, :L], value[:, :, :L]
+    gqa = mask is None or query.device.type == "cpu"
     if not gqa:
         key, value = (repeat_kv(t, query.shape[1] // t.shape[1]) for t in (key, value))
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                           is_causal=mask is None, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
 
 
