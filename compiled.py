@@ -78,8 +78,8 @@ class StaticTurn:
         if S is not self.owner:
             self._load(S)
         kind = self._kind(chunks, images, self.T)
-        if kind is None and self.T < self.widest and self._kind(chunks, images, self.widest):
-            print(f"compiled turn: past {self.T}-token turns (a stream past 999 s), {self.widest} (one recompile)", file=sys.stderr)
+        if kind is None and self._widens(S, chunks, images):
+            print(f"compiled turn: {self.widest} tokens a turn past 999 s, not {self.T} (one recompile)", file=sys.stderr)
             self.T, kind = self.widest, "turn"
         L = {"turn": self.T, "step": 1}.get(kind) or max(len(c) for c in chunks)
         if self.off + L > self.cache.slots:
@@ -99,7 +99,8 @@ class StaticTurn:
         self.n_img = int(self.grid.prod()) // fmt.merge**2
         self.blank = torch.zeros_like(pv)
         # and pending: the decision, end of turn, tail; up to 999 s first (padding: the turn's largest cost but one)
-        self.T, self.widest = (len(fmt.user_ids(data.time_marker(k), self.n_img)) + 2 + len(fmt.asst_close_tail) for k in (999, 99999))
+        self.T, self.widest = (len(fmt.user_ids(data.time_marker(k), self.n_img)) + 2 + len(fmt.asst_close_tail)
+                               for k in (999, 99999))
         turns = S.window + S.chunk + 2 if 0 < S.window < 10**5 else 64
         self.cache = Slots(self.model, self.n, -(-(len(S.system) + (turns + 4) * self.T) // 256) * 256)
         self.vision = self._vision([self.grid] * self.n)
@@ -145,6 +146,11 @@ class StaticTurn:
         fits = all((not c and im is None) or (im is not None and len(c) <= T and torch.equal(im[1], self.grid))
                    for c, im in zip(chunks, images))
         return "turn" if fits else None
+
+    def _widens(self, S, chunks, images):
+        """Turns without a question that fit only the widest turn: a stream past 999 s."""
+        plain = not any(r and r["question"] for r in S.cur)
+        return self.T < self.widest and plain and self._kind(chunks, images, self.widest) is not None
 
     def _inputs(self, S, chunks, images, L, turn):
         """What the forward needs, made on the host; rows' positions advance here."""
