@@ -1,13 +1,15 @@
 """
 The compiled turn (`python infer.py --compile`): infer.Streams' forward of every turn and of every
 decoded token, run over a static KV cache in fixed shapes, so that torch.compile makes one graph of
-each (on CUDA, mode="reduce-overhead": a CUDA-graph replay per turn instead of ~3,000 kernel launches).
+each (on CUDA, CUDA graphs as mode="reduce-overhead": a replay per turn instead of ~3,000 kernel launches).
 
     python infer.py --model out/sft-cb --ann data/synthetic/test.jsonl --compile
     python infer.py --speed --compile        # the compiled row beside the eager ones, in the same run
 
-Streams(..., turn=StaticTurn.of(model, n)) hands each forward to the StaticTurn, which keeps Streams'
-cache, mask and positions as its own; everything else (turns, decisions, segments) stays in Streams.
+Streams(..., turn=StaticTurn.of(model, n)) hands each forward, and each window rebuild's re-encoding, to the
+StaticTurn, which keeps Streams' cache, mask and positions as its own; everything else (turns, decisions,
+segments, what a rebuild keeps) stays in Streams. Inside, the model runs forms that do the same sums for less
+(_static_forms: its attention over the static cache, its ViT's patch embedding as a matmul).
 """
 import contextlib
 import functools
@@ -26,8 +28,8 @@ class StaticTurn:
 
     Shapes: a *turn* is each row's pending tokens and user turn (time marker, one frame) padded to T
     tokens, T being the longest such turn up to the marker of 999 s (past it, of 99,999 s: one recompile);
-    a *step* is one decoded token per row. A row with nothing now takes part as a turn of padding (a blank frame, every slot masked).
-    Anything else runs the same code eagerly over the same cache: the first turn (system prompt), the
+    a *step* is one decoded token per row. A row with nothing now takes part as a turn of padding (a blank
+    frame, every slot masked). Anything else runs the same code eagerly over the same cache: the first turn (system prompt), the
     question turn, a longer chunk, another frame size. So the two graphs are compiled at the first turn
     and the first answer, and never again for this model and n.
 
@@ -40,10 +42,11 @@ class StaticTurn:
     Streams' window rebuild re-encodes every row here (refill: one causal forward from empty, eager, as
     Streams._refill without --compile). If long answers fill the cache, it grows x2 (a recompile).
 
-    Cost per turn: one forward of n x T tokens against the used cache, the ViT of n frames, and on the
-    host the ids, the positions (each chunk's rope index looked up by its layout and added to the row's
-    running offset: ENVIRONMENT.md) and their copy to the device. No value is read back inside: the
-    caller reads the decision once per turn (Greedy: one .tolist())."""
+    Cost per turn: one forward of n x T tokens against the used cache (its last layer attending only from
+    each row's last token), the ViT of n frames, and on the host the ids, the positions (each chunk's rope
+    index looked up by its layout and added to the row's running offset: ENVIRONMENT.md) and their copy to
+    the device. No value is read back inside: the caller reads the decision once per turn (Greedy: one
+    .tolist()). A rebuild: one forward of every row's kept context, its frames through the ViT again."""
 
     def __init__(self, model, n, backend="inductor"):
         """backend: torch.compile's (None: the same code path uncompiled, what costs.py measures)."""
@@ -98,7 +101,8 @@ class StaticTurn:
         pv, self.grid = next(im for im in images if im is not None)
         self.n_img = int(self.grid.prod()) // fmt.merge**2
         self.blank = torch.zeros_like(pv)
-        # and pending: the decision, end of turn, tail; up to 999 s first (padding: the turn's largest cost but one)
+        # a user turn and what is pending before it (the decision, end of turn, tail), up to the marker of 999 s first:
+        # each padded token is a query in every layer (T for 99,999 s pads a turn at 100 s by 5 tokens, at 20 s by 7)
         self.T, self.widest = (len(fmt.user_ids(data.time_marker(k), self.n_img)) + 2 + len(fmt.asst_close_tail)
                                for k in (999, 99999))
         turns = S.window + S.chunk + 2 if 0 < S.window < 10**5 else 64
@@ -124,7 +128,7 @@ class StaticTurn:
         """Streams._refill's contract (a window rebuild): every row's context re-encoded from empty. One forward of all the
         rows, each right-padded to the longest: causal with no mask, since a row's padding comes after its tokens; eager
         (its length changes with every rebuild), through the same forms as the turns (_static_forms). Positions: each
-        row's own rope index from 0, the model's function, as Streams._refill."""
+        row's from 0, by layout (_whole), the same as Streams._refill's."""
         if S is not self.owner:
             self._load(S)
         L = max(len(c) for c in chunks)
