@@ -1,18 +1,23 @@
 """
 The compiled turn (`python infer.py --compile`): infer.Streams' forward of every turn and of every
 decoded token, run over a static KV cache in fixed shapes, so that torch.compile makes one graph of
-each (on CUDA, mode="reduce-overhead": a CUDA-graph replay per turn instead of ~3,000 kernel launches).
+each (on CUDA, CUDA graphs as mode="reduce-overhead": a replay per turn instead of ~3,000 kernel launches).
 
     python infer.py --model out/sft-cb --ann data/synthetic/test.jsonl --compile
     python infer.py --speed --compile        # the compiled row beside the eager ones, in the same run
 
-Streams(..., turn=StaticTurn.of(model, n)) hands each forward to the StaticTurn, which keeps Streams'
-cache, mask and positions as its own; everything else (turns, decisions, segments) stays in Streams.
+Streams(..., turn=StaticTurn.of(model, n)) hands each forward, and each window rebuild's re-encoding, to the
+StaticTurn, which keeps Streams' cache, mask and positions as its own; everything else (turns, decisions,
+segments, what a rebuild keeps) stays in Streams. Inside, the model runs forms that do the same sums for less
+(_static_forms: its attention over the static cache, its ViT's patch embedding as a matmul).
 """
+import contextlib
 import functools
 import sys
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv
 
 import data
 import model as M
@@ -22,9 +27,9 @@ class StaticTurn:
     """The forward of n streams over a static KV cache, in two compiled shapes.
 
     Shapes: a *turn* is each row's pending tokens and user turn (time marker, one frame) padded to T
-    tokens, T being the longest such turn up to the marker of 99,999 s; a *step* is one decoded token per
-    row. A row with nothing now takes part as a turn of padding (a blank frame, every slot masked).
-    Anything else runs the same code eagerly over the same cache: the first turn (system prompt), the
+    tokens, T being the longest such turn up to the marker of 999 s (past it, of 99,999 s: one recompile);
+    a *step* is one decoded token per row. A row with nothing now takes part as a turn of padding (a blank
+    frame, every slot masked). Anything else runs the same code eagerly over the same cache: the first turn (system prompt), the
     question turn, a longer chunk, another frame size. So the two graphs are compiled at the first turn
     and the first answer, and never again for this model and n.
 
@@ -34,24 +39,29 @@ class StaticTurn:
     by the longest row's chunk, as in Streams: the next forward writes over the padding at the end, and
     a shorter row's padding stays masked out for good. Attention reads the cache up to the end of the
     write, rounded up (Slots.step; the graphs' one dynamic size), not the empty rest.
-    Streams' window rebuild re-encodes each row eagerly, as without --compile (Streams._rebuild), into a
-    DynamicCache that is then copied here. If long answers fill the cache, it grows x2 (a recompile).
+    Streams' window rebuild re-encodes every row here (refill: one causal forward from empty, eager, as
+    Streams._refill without --compile). If long answers fill the cache, it grows x2 (a recompile).
 
-    Cost per turn: one forward of n x T tokens against the used cache, the ViT of n frames, and on the
-    host the ids, the positions (each chunk's rope index looked up by its layout and added to the row's
-    running offset: ENVIRONMENT.md) and their copy to the device. No value is read back inside: the
-    caller reads the decision once per turn (Greedy: one .tolist())."""
+    Cost per turn: one forward of n x T tokens against the used cache (its last layer attending only from
+    each row's last token), the ViT of n frames, and on the host the ids, the positions (each chunk's rope
+    index looked up by its layout and added to the row's running offset: ENVIRONMENT.md) and their copy to
+    the device. No value is read back inside: the caller reads the decision once per turn (Greedy: one
+    .tolist()). A rebuild: one forward of every row's kept context, its frames through the ViT again."""
 
     def __init__(self, model, n, backend="inductor"):
         """backend: torch.compile's (None: the same code path uncompiled, what costs.py measures)."""
         self.model, self.n, self.dev = model, n, model.device
         self.cache, self.T, self.grid = None, None, None
-        self.owner, self.rebuilds, self.off = None, 0, 0
+        self.owner, self.off = None, 0
         self.templates = {}  # a chunk's layout -> its rope positions from 0 (3, L) and the offset it moves
-        # inductor: CUDA graphs on a GPU ("reduce-overhead"), C++ kernels on a CPU; one graph per shape
-        # (dynamic=False), the cache's read span their one dynamic size (Slots.aim)
-        mode = "reduce-overhead" if backend == "inductor" and self.dev.type == "cuda" else None
-        self.graph = torch.compile(self._run, backend=backend, fullgraph=True, dynamic=False, mode=mode) if backend else self._run
+        # inductor: CUDA graphs on a GPU (mode "reduce-overhead"), C++ kernels on a CPU; one graph per shape (dynamic=False),
+        # the cache's read span their one dynamic size (Slots.aim). Left out: dynamo's guards on the model's modules
+        # (~1,900 a call, ~0.1 ms on a CPU; the model is fixed here) and inductor's re-checks of the inputs' strides
+        opts = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if backend == "inductor":
+            opts.update({"triton.cudagraphs": self.dev.type == "cuda", "size_asserts": False, "alignment_asserts": False})
+        self.graph = torch.compile(self._run, backend=backend, fullgraph=True, dynamic=False, options=opts) if backend else self._run
+        self.patches = _Patches(model.model.visual.patch_embed.proj)
         lm = model.model.language_model
         if hasattr(lm, "_deepstack_process") and not isinstance(lm._deepstack_process, functools.partial):
             lm._deepstack_process = functools.partial(_deepstack, lm._deepstack_process)  # Qwen3-VL
@@ -68,14 +78,18 @@ class StaticTurn:
         of each row's last new token, (n, V)."""
         if self.cache is None:
             self._allocate(S, images)
-        if S is not self.owner or S.rebuilds != self.rebuilds:
+        if S is not self.owner:
             self._load(S)
-        kind = self._kind(chunks, images)
+        kind = self._kind(chunks, images, self.T)
+        if kind is None and self._widens(S, chunks, images):
+            print(f"compiled turn: {self.widest} tokens a turn past 999 s, not {self.T} (one recompile)", file=sys.stderr)
+            self.T, kind = self.widest, "turn"
         L = {"turn": self.T, "step": 1}.get(kind) or max(len(c) for c in chunks)
         if self.off + L > self.cache.slots:
             self._resize(max(2 * self.cache.slots, self.off + L), S)
         x = self._inputs(S, chunks, images, L, kind == "turn")
-        logits = (self.graph if kind else self._run)(**x)
+        with _static_forms(self.model, self.patches):
+            logits = (self.graph if kind else self._run)(**x)
         self.off += max(len(c) for c in chunks)  # the next forward writes over this one's padding at the end
         return logits.clone() if kind and self.dev.type == "cuda" else logits  # a CUDA graph reuses its output
 
@@ -87,8 +101,10 @@ class StaticTurn:
         pv, self.grid = next(im for im in images if im is not None)
         self.n_img = int(self.grid.prod()) // fmt.merge**2
         self.blank = torch.zeros_like(pv)
-        longest = fmt.user_ids(data.time_marker(99999), self.n_img)
-        self.T = len(longest) + 2 + len(fmt.asst_close_tail)  # and pending: the decision, end of turn, tail
+        # a user turn and what is pending before it (the decision, end of turn, tail), up to the marker of 999 s first:
+        # each padded token is a query in every layer (T for 99,999 s pads a turn at 100 s by 5 tokens, at 20 s by 7)
+        self.T, self.widest = (len(fmt.user_ids(data.time_marker(k), self.n_img)) + 2 + len(fmt.asst_close_tail)
+                               for k in (999, 99999))
         turns = S.window + S.chunk + 2 if 0 < S.window < 10**5 else 64
         self.cache = Slots(self.model, self.n, -(-(len(S.system) + (turns + 4) * self.T) // 256) * 256)
         self.vision = self._vision([self.grid] * self.n)
@@ -101,28 +117,44 @@ class StaticTurn:
         S.cache, S.mask = self.cache, self.cache.valid
 
     def _load(self, S):
-        """A new Streams starts empty; one that rebuilt its window holds its rows in a DynamicCache."""
-        if S is self.owner:
-            L = S.mask.shape[1]
-            if L > self.cache.slots:
-                self._resize(L, S)
-            self.cache.put(S.cache, S.mask, L)
-        else:
-            self.cache.put(None, None, 0)
-        self.off = self.cache.used
+        """A new Streams starts empty."""
+        self.cache.put(None, None, 0)
+        self.off = 0
         S.cache, S.mask = self.cache, self.cache.valid
-        self.owner, self.rebuilds = S, S.rebuilds
+        self.owner = S
+
+    @torch.no_grad()
+    def refill(self, S, chunks, images):
+        """Streams._refill's contract (a window rebuild): every row's context re-encoded from empty. One forward of all the
+        rows, each right-padded to the longest: causal with no mask, since a row's padding comes after its tokens; eager
+        (its length changes with every rebuild), through the same forms as the turns (_static_forms). Positions: each
+        row's from 0, by layout (_whole), the same as Streams._refill's."""
+        if S is not self.owner:
+            self._load(S)
+        L = max(len(c) for c in chunks)
+        if L > self.cache.slots:
+            self._resize(L, S)
+        self.cache.put(None, None, 0)
+        x = self._whole(S, chunks, images, L)
+        with _static_forms(self.model, self.patches):
+            self._run(**x, fresh=True)
+        self.off = L  # the next forward writes after the longest row; a shorter row's padding stays masked out
 
     # -------------------------------------------------------------------------
     # host inputs
 
-    def _kind(self, chunks, images):
-        """"turn", "step" or None (eager, at the chunks' own length)."""
+    def _kind(self, chunks, images, T):
+        """"turn" (fits T tokens), "step" or None (eager, at the chunks' own length)."""
         if not images:
             return "step" if all(len(c) <= 1 for c in chunks) else None
-        fits = all((not c and im is None) or (im is not None and len(c) <= self.T and torch.equal(im[1], self.grid))
+        fits = all((not c and im is None) or (im is not None and len(c) <= T and torch.equal(im[1], self.grid))
                    for c, im in zip(chunks, images))
         return "turn" if fits else None
+
+    def _widens(self, S, chunks, images):
+        """Turns without a question that fit only the widest turn: a stream past 999 s."""
+        plain = not any(r and r["question"] for r in S.cur)
+        return self.T < self.widest and plain and self._kind(chunks, images, self.widest) is not None
 
     def _inputs(self, S, chunks, images, L, turn):
         """What the forward needs, made on the host; rows' positions advance here."""
@@ -157,6 +189,38 @@ class StaticTurn:
         self.cache.aim(self.off, L)
         return x
 
+    def _whole(self, S, chunks, images, L):
+        """refill's inputs: each row's chunk, its frames anywhere in it, from position 0. Positions: the text before the
+        first frame counts up; each span from a frame's first token to the next frame's is looked up by its layout
+        (_template) and added to the running offset (the model's function over the whole chunk: ~5 ms at 50 turns)."""
+        n, img = self.n, S.fmt.image_token_id
+        ids, new = torch.full((n, L), S.pad, dtype=torch.long), torch.zeros(n, L, dtype=torch.bool)
+        pos = torch.zeros(3, n, L, dtype=torch.long)  # padding: any position, it is never attended
+        at, pvs, grids = [], [], []
+        for b, c in enumerate(chunks):
+            t = torch.tensor(c)
+            ids[b, : len(c)], new[b, : len(c)], is_img = t, True, t == img
+            starts = is_img & ~torch.cat([torch.zeros(1, dtype=torch.bool), is_img[:-1]])  # each frame's first token
+            ends = starts.nonzero()[:, 0].tolist() + [len(c)]
+            pos[:, b, : ends[0]], off = torch.arange(ends[0]), ends[0]
+            for i, (s, e) in enumerate(zip(ends, ends[1:])):
+                rel, top = self._template(S, c[s:e], images[b][1][i:i + 1])
+                pos[:, b, s:e] = rel + off
+                off += top
+            S.pos[b] = off
+            if images[b] is not None:
+                at.append(b * L + is_img.nonzero()[:, 0])
+                pvs.append(images[b][0])
+                grids.append(images[b][1])
+        x = {"ids": ids, "new": new, "pos": pos, "last": torch.tensor([len(c) - 1 for c in chunks])}
+        if pvs:
+            x.update(pixel_values=torch.cat(pvs), image_at=torch.cat(at))
+        x = {k: v.to(self.dev, non_blocking=True) for k, v in x.items()}
+        if pvs:
+            x["vision"] = self._vision(grids)
+        self.cache.aim(0, L)
+        return x
+
     def _template(self, S, chunk, grid):
         """A chunk's rope positions from 0 and the offset it moves its row by, kept by layout: the model's
         own function, once per layout (Streams._forward calls it for every chunk)."""
@@ -177,7 +241,7 @@ class StaticTurn:
     # -------------------------------------------------------------------------
     # the forward: compiled for the two shapes, eager otherwise
 
-    def _run(self, ids, new, pos, last, pixel_values=None, image_at=None, vision=None):
+    def _run(self, ids, new, pos, last, pixel_values=None, image_at=None, vision=None, fresh=False):
         m = self.model.model
         h = m.get_input_embeddings()(ids)
         extra = {}
@@ -186,9 +250,9 @@ class StaticTurn:
             h = h.flatten(0, 1).index_copy(0, image_at, out.pooler_output.to(h.dtype)).view_as(h)
             if getattr(out, "deepstack_features", None):
                 extra = {"visual_pos_masks": image_at, "deepstack_visual_embeds": out.deepstack_features}
-        mask = self.cache.mask(new)
+        mask = self.cache.mask(new, fresh)
         out = m.language_model(inputs_embeds=h, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
-                               use_cache=True, **extra)
+                               use_cache=True, static_read=None if fresh else last, **extra)
         rows = torch.arange(ids.shape[0], device=ids.device)
         return self.model.lm_head(out.last_hidden_state[rows, last]).float()
 
@@ -220,9 +284,12 @@ class Slots:
         torch._dynamo.mark_dynamic(self.span, 0)
         self.used = off + L
 
-    def mask(self, new):
-        """(n, 1, L, span): a query attends to the valid positions up to its own (causal)."""
+    def mask(self, new, fresh=False):
+        """(n, 1, L, span): a query attends to the valid positions up to its own (causal). Fresh (StaticTurn.refill: every
+        row written from position 0, its padding after its tokens): None, plain causal attention (_static_attention)."""
         self.valid.index_copy_(1, self.at, new)
+        if fresh:
+            return None
         K = self.span.shape[0]
         return self.valid[:, None, None, :K] & (self.span[None, :] <= self.at[:, None])[None, None]
 
@@ -245,6 +312,63 @@ class Slots:
 class _Layer:
     def __init__(self, keys, values):
         self.keys, self.values = keys, values
+
+
+def _static_attention(module, query, key, value, mask, scaling=None, static_read=False, **kwargs):
+    """The LM's attention over Slots: SDPA with the cache's boolean mask, or with none after a refill from empty (causal,
+    over the new positions only). On a CPU with the model's own kv heads (enable_gqa), where transformers' SDPA path
+    repeats each kv head per query head first whenever a mask is given: a copy of all the keys and values read, in
+    every layer of every turn (~0.2 ms a layer at 2,000 positions here). A GPU's kernel for a mask (memory-efficient)
+    takes no grouped heads: there they are repeated, as transformers does.
+    The last layer attends only from the token read after it (`static_read`: each row's last, whose logits are taken;
+    None in a refill, which reads nothing): the other tokens' outputs there would go nowhere, their keys and values
+    being made before attention. The tiny model's 2 layers make that half the turn's attention; the 3B's 36, 1/36."""
+    n, heads, L, dim = query.shape
+    if static_read is not False and module.layer_idx == module.config.num_hidden_layers - 1:
+        out = query.new_zeros(n, L, heads, dim)
+        if static_read is not None:
+            rows = torch.arange(n, device=query.device)
+            read = _static_attention(module, query[rows, :, static_read, None], key, value, mask[rows, :, static_read, None],
+                                     scaling)[0]
+            out[rows, static_read] = read[:, 0]
+        return out, None
+    if mask is None:
+        key, value = key[:, :, :L], value[:, :, :L]
+    gqa = mask is None or query.device.type == "cpu"
+    if not gqa:
+        key, value = (repeat_kv(t, query.shape[1] // t.shape[1]) for t in (key, value))
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                           is_causal=mask is None, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("static_cache", _static_attention)
+
+
+@contextlib.contextmanager
+def _static_forms(model, patches):
+    """Inside, the model runs the forms that suit the static turn, the same sums: its LM's attention is _static_attention,
+    its ViT's patch embedding the matmul it is (`patches`). Outside (its eager rows), its own."""
+    cfg, embed = model.config.get_text_config(), model.model.visual.patch_embed
+    old = cfg._attn_implementation, embed.proj
+    cfg._attn_implementation, embed.proj = "static_cache", patches
+    try:
+        yield
+    finally:
+        cfg._attn_implementation, embed.proj = old
+
+
+class _Patches(torch.nn.Module):
+    """A ViT's patch embedding, a Conv3d whose kernel is its stride and whose input is one kernel per patch, as the matmul
+    it is: mkldnn's conv3d took 0.24 ms for one 84-px frame's 36 patches on this CPU, the matmul 0.04 ms."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+
+    def forward(self, x):
+        y = torch.nn.functional.linear(x.flatten(1), self.weight.flatten(1), self.bias)
+        return y[:, :, None, None, None]
 
 
 def _deepstack(original, hidden, where, embeds):

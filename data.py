@@ -431,7 +431,8 @@ class ChatFormat:
     def _looked_up(self, chunks, table):
         K, _, H, W, _ = chunks.shape
         grid = torch.tensor([[1, H // self.patch, W // self.patch]] * K)
-        pv = torch.from_numpy(self._patchify(table[chunks[:, [0, -1]].astype(np.int64) + 256 * np.arange(3)]))
+        codes = self._patchify(chunks[:, [0, -1]])  # bytes laid out first: a row's 3 x 2 x p x p are (channel, ...)
+        pv = torch.from_numpy(table[codes + 256 * (np.arange(codes.shape[1]) // (codes.shape[1] // 3))])
         return pv, grid, (grid.prod(-1) // self.merge**2).tolist()
 
     def _patchify(self, x):

@@ -77,6 +77,7 @@ class Streams:
         self.k = 0  # the turn observed next
         # the forward of each turn and decoded token: _forward below, or a compiled.StaticTurn's (--compile)
         self.step = self._forward if turn is None else functools.partial(turn.forward, self)
+        self.refill = self._refill if turn is None else functools.partial(turn.refill, self)  # a rebuild's re-encoding
 
     @torch.no_grad()
     def _forward(self, chunks, images=None):
@@ -116,9 +117,7 @@ class Streams:
         return self.model.lm_head(out.last_hidden_state[torch.arange(n), last.to(dev)]).float()
 
     def _rebuild(self):
-        """Re-encode every row's context as its memory keeps it, one row at a time: rows padded to a common length
-        made transformers build a dense (n, 1, L, L) mask, 13.5 GB at 16 rows of 29k tokens (issue 19). The rows'
-        caches are then right-padded into one."""
+        """Re-encode every row's context as its memory keeps it (refill: _refill below, or a compiled.StaticTurn's)."""
         chunks, images = [], []
         for b in range(self.n):
             keep = self.ctx[b] = self.memory.keep(self, b)
@@ -128,6 +127,13 @@ class Streams:
             images.append(cat(seen) if keep else None)
             self.segments[b].append({"prefix": ids, "images": seen, "turns": []})
             self.pending[b] = []
+        self.refill(chunks, images)
+        self.rebuilds += 1
+
+    def _refill(self, chunks, images):
+        """The rows' contexts, chunks with their images, re-encoded from empty one row at a time: rows padded to a common
+        length made transformers build a dense (n, 1, L, L) mask, 13.5 GB at 16 rows of 29k tokens (issue 19). The rows'
+        caches are then right-padded into one."""
         caches, pos = [], torch.zeros(self.n, dtype=torch.long)
         for b in range(self.n):
             self.cache, self.mask, self.pos = DynamicCache(), self.mask[:1, :0], torch.zeros(1, dtype=torch.long)
@@ -145,7 +151,6 @@ class Streams:
                 c.layers[i].keys = c.layers[i].values = None
             pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[2]))
             self.cache.update(torch.cat([pad(k) for k, _ in kv]), torch.cat([pad(v) for _, v in kv]), i)
-        self.rebuilds += 1
 
     def observe(self, inputs):
         """inputs: per row (frame uint8 HxWx3, marker, question or None), or None for a row with no

@@ -1397,6 +1397,33 @@ def test_compiled_turns_equal_eager_and_compile_once(tiny, family, backend):
     assert graphs[2] - before == 2 and graphs[-1] == graphs[2], graphs
 
 
+def test_compiled_turn_widens_past_999_s_and_refills_as_eager(tiny):
+    """compiled.StaticTurn's turn holds the longest turn up to the marker of 999 s: a stream past it widens the turn once
+    (a recompile when compiled), and its window rebuilds (StaticTurn.refill) give what eager ones give. Uncompiled
+    (backend None: the same code path, no C++ build)."""
+    import compiled
+    model, processor = M.load(tiny["qwen2_5_vl"])
+    model.eval()
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+    frames = np.random.default_rng(0).integers(0, 255, (12, fmt.frames_per_turn, 56, 56, 3), dtype=np.uint8)
+    silence = [fmt.decision_ids[data.SILENCE], fmt.eos_id]
+
+    def stream(turn):
+        S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 1, window=4, chunk=2, turn=turn)
+        logp = []
+        for k in range(12):
+            lg = S.observe([(frames[k], data.time_marker(993 + k), "Tell me when the square turns red." if k == 2 else None)])
+            logp.append(torch.log_softmax(lg, -1))
+            S.end_turn(0, silence, 0)
+        return logp, S
+
+    eager, E = stream(None)
+    turn = compiled.StaticTurn(model, 1, backend=None)
+    got, C = stream(turn)
+    assert C.rebuilds == E.rebuilds == 2 and turn.T == turn.widest
+    assert max((a - b).abs().max().item() for a, b in zip(eager, got)) <= 1e-5
+
+
 def test_streams_window_keeps_question_turn():
     assert data.window_turns(8, 1, 4) == [1, 4, 5, 6, 7]
 
