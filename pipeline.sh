@@ -8,8 +8,8 @@
 # The paper's task split (StreamPro 4.3, B.2): SFT on levels 0-1 and level 2's OU, EU, TP, TG (sft.py's
 # defaults), GRPO on level 2's EU, OU, AA, TP, TG, GP (RL below, grpo.py's defaults), RF in neither.
 #
-#   bash pipeline.sh            # one seed (0): 32 minutes on 2 cores; run it alone (STUDY.md: wall time)
-#   bash pipeline.sh 0 1 2      # three seeds, then mean ± std: 90 minutes
+#   bash pipeline.sh            # one seed (0): 18 minutes on 2 cores; run it alone (STUDY.md: wall time)
+#   bash pipeline.sh 0 1 2      # three seeds, then mean ± std: 69 minutes beside other work
 #
 # Every stage skips what is done (checkpoints and prediction files resume), so rerunning after an
 # interruption finishes the job. Outputs: out/seed<N>/{base,narrator,sft-ce,sft-focal,sft-cb,grpo}, one log
