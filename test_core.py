@@ -1424,6 +1424,37 @@ def test_compiled_turn_widens_past_999_s_and_refills_as_eager(tiny):
     assert max((a - b).abs().max().item() for a, b in zip(eager, got)) <= 1e-5
 
 
+def test_compiled_turns_of_two_architectures_in_one_process_each_get_their_graphs(tiny):
+    """Every StaticTurn compiles the same function, with most guards on the model's modules left out (compiled._guards):
+    a Qwen3-VL streamed after a Qwen2.5-VL in one process, same backend and shapes, must get its own graphs, not run
+    the first model's (which gave logits off by 0.5, or a KeyError, and failed a CUDA graph's replay on an H200).
+    Both orders; dynamo's own backend "eager" (its capture and guards, no compiler)."""
+    import compiled
+    from torch._dynamo.utils import counters
+
+    def logps(family, turn):
+        model, processor = M.load(tiny[family])
+        model.eval()
+        fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+        frames = np.random.default_rng(0).integers(0, 255, (6, fmt.frames_per_turn, 56, 56, 3), dtype=np.uint8)
+        S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 1, window=4, chunk=2, turn=compiled.StaticTurn(model, 1, "eager") if turn else None)
+        out, text = [], [fmt.decision_ids[data.RESPONSE], *fmt.ids(" Red.")]
+        for k in range(6):
+            out.append(torch.log_softmax(S.observe([(frames[k], data.time_marker(k), "Tell me." if k == 1 else None)]), -1))
+            if k == 3:  # decoded steps: one token a row, the same shapes in both families
+                out += [torch.log_softmax(S.feed([t]), -1) for t in text]
+            S.end_turn(0, text + [fmt.eos_id] if k == 3 else [fmt.decision_ids[data.SILENCE], fmt.eos_id], len(text) if k == 3 else 0)
+        return out
+
+    for order in (FAMILIES, FAMILIES[::-1]):
+        torch._dynamo.reset()
+        for family in order:
+            before = counters["stats"]["unique_graphs"]
+            got, want = logps(family, True), logps(family, False)
+            assert counters["stats"]["unique_graphs"] > before, (order, family)  # compiled anew for this model
+            assert max((a - b).abs().max().item() for a, b in zip(got, want)) <= 1e-5, (order, family)
+
+
 def test_streams_window_keeps_question_turn():
     assert data.window_turns(8, 1, 4) == [1, 4, 5, 6, 7]
 
