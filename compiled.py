@@ -16,6 +16,7 @@ import functools
 import sys
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 
@@ -58,8 +59,10 @@ class StaticTurn:
         # the cache's read span their one dynamic size (Slots.aim). Left out: most of dynamo's guards on the model's modules
         # (_guards) and inductor's re-checks of the inputs' strides
         opts = {"guard_filter_fn": _guards}
-        if backend == "inductor":
-            opts.update({"triton.cudagraphs": self.dev.type == "cuda", "size_asserts": False, "alignment_asserts": False})
+        if backend == "inductor" and self.dev.type == "cuda":
+            opts.update({"triton.cudagraphs": True})
+        elif backend == "inductor":
+            opts.update({"size_asserts": False, "alignment_asserts": False})  # (on a GPU they stay: a misaligned input fails there)
         self.graph = torch.compile(self._run, backend=backend, fullgraph=True, dynamic=False, options=opts) if backend else self._run
         self.patches = _Patches(model.model.visual.patch_embed.proj)
         lm = model.model.language_model
@@ -272,14 +275,18 @@ class Slots:
         self.layers = [_Layer(new(), new()) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.zeros(n, slots + 1, dtype=torch.bool, device=model.device)
         self.positions = torch.arange(slots + 1, device=model.device)
-        for t in [self.valid, self.positions] + [t for a in self.layers for t in (a.keys, a.values)]:
+        self.written = torch.zeros(slots + 1, dtype=torch.long, device=model.device)  # `at`'s storage (aim)
+        for t in [self.valid, self.positions, self.written] + [t for a in self.layers for t in (a.keys, a.values)]:
             torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs write in place
         # the span grows by `step`: CUDA graphs are recorded once per span, so eight of them there; on a CPU
         # a span costs nothing, and its attention is the turn's largest cost (the tiny model: ~40% of it)
         self.slots, self.used, self.step = slots, 0, -(-slots // 8) if model.device.type == "cuda" else 64
 
     def aim(self, off, L):
-        self.at = self.positions[off: off + L]
+        # from the start of its own buffer, not a view of `positions` at `off`: an input that starts at an odd int64 is
+        # misaligned for the GPU kernels inductor generates, which assume 16-byte aligned inputs ("CUDA error:
+        # misaligned address" on an H200 after turn 20; a CPU's kernels do not mind)
+        self.at = torch.arange(off, off + L, out=self.written[:L])
         self.span = self.positions[: min(self.slots, -(-(off + L) // self.step) * self.step)]
         torch._dynamo.mark_dynamic(self.span, 0)
         self.used = off + L
@@ -347,9 +354,16 @@ def _static_attention(module, query, key, value, mask, scaling=None, static_read
     gqa = mask is None or query.device.type == "cpu"
     if not gqa:
         key, value = (repeat_kv(t, query.shape[1] // t.shape[1]) for t in (key, value))
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                                           is_causal=mask is None, enable_gqa=gqa)
+    with sdpa_kernel(_SDPA) if query.device.type == "cuda" else contextlib.nullcontext():  # (a CPU's turn: no cost)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                               is_causal=mask is None, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+# Not cuDNN's attention: inductor picked it for the masked turn on an H200 (torch 2.11), where it failed between turns 20
+# and 100 ("mha_graph.execute(...).is_good()"; perhaps from the misaligned `at`, since fixed: Slots.aim). Without it the
+# compiled turn ran 3.4x faster there, until that misalignment stopped it after turn 20 (STUDY.md: speed)
+_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 AttentionInterface.register("static_cache", _static_attention)
