@@ -61,9 +61,10 @@ class StaticTurn:
         opts = {"guard_filter_fn": _guards}
         if backend == "inductor" and self.dev.type == "cuda":
             opts.update({"triton.cudagraphs": True})
-        elif backend == "inductor":
-            opts.update({"size_asserts": False, "alignment_asserts": False})  # (on a GPU they stay: a misaligned input fails there)
-        self.graph = torch.compile(self._run, backend=backend, fullgraph=True, dynamic=False, options=opts) if backend else self._run
+        elif backend == "inductor":  # (on a GPU the checks stay: a misaligned input fails there)
+            opts.update({"size_asserts": False, "alignment_asserts": False})
+        compiler = functools.partial(torch.compile, backend=backend, fullgraph=True, dynamic=False, options=opts)
+        self.graph = compiler(self._run) if backend else self._run
         self.patches = _Patches(model.model.visual.patch_embed.proj)
         lm = model.model.language_model
         if hasattr(lm, "_deepstack_process") and not isinstance(lm._deepstack_process, functools.partial):
