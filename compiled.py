@@ -57,7 +57,7 @@ class StaticTurn:
         self.templates = {}  # a chunk's layout -> its rope positions from 0 (3, L) and the offset it moves
         # inductor: CUDA graphs on a GPU (mode "reduce-overhead"), C++ kernels on a CPU; one graph per shape (dynamic=False),
         # the cache's read span their one dynamic size (Slots.aim). Left out: most of dynamo's guards on the model's modules
-        # (_guards) and inductor's re-checks of the inputs' strides
+        # (_guards) and, on a CPU, inductor's re-checks of the inputs' sizes and alignment
         opts = {"guard_filter_fn": _guards}
         if backend == "inductor" and self.dev.type == "cuda":
             opts.update({"triton.cudagraphs": True})
