@@ -184,14 +184,8 @@ class StaticTurn:
             ids[b, : len(c)], new[b, : len(c)] = torch.tensor(c), True
             pos[:, b, : len(c)] += rel
             S.pos[b] += top
-        x = {"ids": ids, "new": new, "pos": pos, "last": torch.tensor([max(len(c) - 1, 0) for c in chunks])}
-        if pvs:
-            x.update(pixel_values=torch.cat(pvs), image_at=torch.cat(at))
-        x = {k: v.to(self.dev, non_blocking=True) for k, v in x.items()}
-        if pvs:
-            x["vision"] = self.vision if turn else self._vision(grids)
-        self.cache.aim(self.off, L)
-        return x
+        last = torch.tensor([max(len(c) - 1, 0) for c in chunks])
+        return self._sent(ids, new, pos, last, pvs, at, lambda: self.vision if turn else self._vision(grids), self.off, L)
 
     def _whole(self, S, chunks, images, L):
         """refill's inputs: each row's chunk, its frames anywhere in it, from position 0. Positions: the text before the
@@ -216,13 +210,19 @@ class StaticTurn:
                 at.append(b * L + is_img.nonzero()[:, 0])
                 pvs.append(images[b][0])
                 grids.append(images[b][1])
-        x = {"ids": ids, "new": new, "pos": pos, "last": torch.tensor([len(c) - 1 for c in chunks])}
+        last = torch.tensor([len(c) - 1 for c in chunks])
+        return self._sent(ids, new, pos, last, pvs, at, lambda: self._vision(grids), 0, L)
+
+    def _sent(self, ids, new, pos, last, pvs, at, vision, off, L):
+        """_inputs' and _whole's end: the forward's inputs on the device (the frames' pixels, where their tokens go and
+        what the ViT derives from their grids, `vision()`, with them), the cache aimed at off .. off + L."""
+        x = {"ids": ids, "new": new, "pos": pos, "last": last}
         if pvs:
             x.update(pixel_values=torch.cat(pvs), image_at=torch.cat(at))
         x = {k: v.to(self.dev, non_blocking=True) for k, v in x.items()}
         if pvs:
-            x["vision"] = self._vision(grids)
-        self.cache.aim(0, L)
+            x["vision"] = vision()
+        self.cache.aim(off, L)
         return x
 
     def _template(self, S, chunk, grid):
