@@ -22,6 +22,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 
 import data
 import model as M
+from memory import Features
 
 
 class StaticTurn:
@@ -47,7 +48,8 @@ class StaticTurn:
     each row's last token), the ViT of n frames, and on the host the ids, the positions (each chunk's rope
     index looked up by its layout and added to the row's running offset: ENVIRONMENT.md) and their copy to
     the device. No value is read back inside: the caller reads the decision once per turn (Greedy: one
-    .tolist()). A rebuild: one forward of every row's kept context, its frames through the ViT again."""
+    .tolist()). Each frame's features are kept in its row's turn (_keep). A rebuild: one forward of every row's
+    kept context, its frames from those features (no ViT)."""
 
     def __init__(self, model, n, backend="inductor"):
         """backend: torch.compile's (None: the same code path uncompiled, what costs.py measures)."""
@@ -93,9 +95,23 @@ class StaticTurn:
             self._resize(max(2 * self.cache.slots, self.off + L), S)
         x = self._inputs(S, chunks, images, L, kind == "turn")
         with _static_forms(self.model, self.patches):
-            logits = (self.graph if kind else self._run)(**x)
+            logits, seen = (self.graph if kind else self._run)(**x)
         self.off += max(len(c) for c in chunks)  # the next forward writes over this one's padding at the end
-        return logits.clone() if kind and self.dev.type == "cuda" else logits  # a CUDA graph reuses its output
+        if kind and self.dev.type == "cuda":  # a CUDA graph reuses its outputs
+            logits, seen = logits.clone(), seen and tuple(t.clone() for t in seen)
+        if seen:
+            self._keep(S, images, seen, kind == "turn")
+        return logits
+
+    def _keep(self, S, images, seen, turn):
+        """Each row's frame as the ViT saw it (its features: embeds, Qwen3-VL's deepstack levels), kept in the row's turn
+        for the rebuilds to re-encode (Streams._rebuild); a padding row's blank frame is not."""
+        i = 0
+        for b, im in enumerate(images):
+            n = int(im[1].prod()) // S.fmt.merge**2 if im is not None else self.n_img if turn else 0
+            if im is not None:
+                S.cur[b]["vis"] = Features(seen[0][i:i + n], tuple(d[i:i + n] for d in seen[1:]))
+            i += n
 
     # -------------------------------------------------------------------------
     # the static memory: allocated once, emptied for each new Streams, refilled after each rebuild
@@ -131,8 +147,8 @@ class StaticTurn:
     def refill(self, S, chunks, images):
         """Streams._refill's contract (a window rebuild): every row's context re-encoded from empty. One forward of all the
         rows, each right-padded to the longest: causal with no mask, since a row's padding comes after its tokens; eager
-        (its length changes with every rebuild), through the same forms as the turns (_static_forms). Positions: each
-        row's from 0, by layout (_whole), the same as Streams._refill's."""
+        (its length changes with every rebuild), through the same forms as the turns (_static_forms), from the frames'
+        features kept at their turns (no ViT). Positions: each row's from 0, by layout (_whole), as Streams._refill's."""
         if S is not self.owner:
             self._load(S)
         L = max(len(c) for c in chunks)
@@ -184,17 +200,22 @@ class StaticTurn:
             ids[b, : len(c)], new[b, : len(c)] = torch.tensor(c), True
             pos[:, b, : len(c)] += rel
             S.pos[b] += top
-        last = torch.tensor([max(len(c) - 1, 0) for c in chunks])
-        return self._sent(ids, new, pos, last, pvs, at, lambda: self.vision if turn else self._vision(grids), self.off, L)
+        x = {"ids": ids, "new": new, "pos": pos, "last": torch.tensor([max(len(c) - 1, 0) for c in chunks])}
+        if pvs:
+            x.update(pixel_values=torch.cat(pvs), image_at=torch.cat(at))
+        x = self._sent(x, self.off, L)
+        if pvs:  # what the ViT derives from the frames' grids
+            x["vision"] = self.vision if turn else self._vision(grids)
+        return x
 
     def _whole(self, S, chunks, images, L):
-        """refill's inputs: each row's chunk, its frames anywhere in it, from position 0. Positions: the text before the
+        """refill's inputs: each row's chunk, its frames (Features) anywhere in it, from position 0. Positions: the text before the
         first frame counts up; each span from a frame's first token to the next frame's is looked up by its layout
         (_template) and added to the running offset (the model's function over the whole chunk: ~5 ms at 50 turns)."""
         n, img = self.n, S.fmt.image_token_id
         ids, new = torch.full((n, L), S.pad, dtype=torch.long), torch.zeros(n, L, dtype=torch.bool)
         pos = torch.zeros(3, n, L, dtype=torch.long)  # padding: any position, it is never attended
-        at, pvs, grids = [], [], []
+        at, seen = [], []
         for b, c in enumerate(chunks):
             t = torch.tensor(c)
             ids[b, : len(c)], new[b, : len(c)], is_img = t, True, t == img
@@ -208,22 +229,20 @@ class StaticTurn:
             S.pos[b] = off
             if images[b] is not None:
                 at.append(b * L + is_img.nonzero()[:, 0])
-                pvs.append(images[b][0])
-                grids.append(images[b][1])
-        last = torch.tensor([len(c) - 1 for c in chunks])
-        return self._sent(ids, new, pos, last, pvs, at, lambda: self._vision(grids), 0, L)
-
-    def _sent(self, ids, new, pos, last, pvs, at, vision, off, L):
-        """_inputs' and _whole's end: the forward's inputs on the device (the frames' pixels, where their tokens go and
-        what the ViT derives from their grids, `vision()`, with them), the cache aimed at off .. off + L."""
-        x = {"ids": ids, "new": new, "pos": pos, "last": last}
-        if pvs:
-            x.update(pixel_values=torch.cat(pvs), image_at=torch.cat(at))
-        x = {k: v.to(self.dev, non_blocking=True) for k, v in x.items()}
-        if pvs:
-            x["vision"] = vision()
-        self.cache.aim(off, L)
+                seen.append(images[b][0])
+        x = {"ids": ids, "new": new, "pos": pos, "last": torch.tensor([len(c) - 1 for c in chunks])}
+        if seen:
+            x["image_at"] = torch.cat(at)
+        x = self._sent(x, 0, L)
+        if seen:
+            f = Features.cat(seen)
+            x["seen"] = tuple(t.to(self.dev, non_blocking=True) for t in (f.embeds, *f.deep))
         return x
+
+    def _sent(self, x, off, L):
+        """_inputs' and _whole's end: the forward's inputs on the device, the cache aimed at off .. off + L."""
+        self.cache.aim(off, L)
+        return {k: v.to(self.dev, non_blocking=True) for k, v in x.items()}
 
     def _template(self, S, chunk, grid):
         """A chunk's rope positions from 0 and the offset it moves its row by, kept by layout: the model's
@@ -245,20 +264,24 @@ class StaticTurn:
     # -------------------------------------------------------------------------
     # the forward: compiled for the two shapes, eager otherwise
 
-    def _run(self, ids, new, pos, last, pixel_values=None, image_at=None, vision=None, fresh=False):
+    def _run(self, ids, new, pos, last, pixel_values=None, image_at=None, vision=None, seen=None, fresh=False):
+        """The logits of each row's `last` token, and the frames' features (embeds, Qwen3-VL's deepstack levels): the ViT's
+        of `pixel_values` (a turn), or `seen`, the features given (a refill: those kept at the frames' turns)."""
         m = self.model.model
         h = m.get_input_embeddings()(ids)
         extra = {}
-        if pixel_values is not None:  # each frame's visual tokens where its placeholders are
+        if pixel_values is not None:
             out = m.visual(pixel_values.type(m.visual.dtype), **vision)
-            h = h.flatten(0, 1).index_copy(0, image_at, out.pooler_output.to(h.dtype)).view_as(h)
-            if getattr(out, "deepstack_features", None):
-                extra = {"visual_pos_masks": image_at, "deepstack_visual_embeds": out.deepstack_features}
+            seen = (out.pooler_output, *(getattr(out, "deepstack_features", None) or ()))
+        if seen is not None:  # each frame's visual tokens where its placeholders are
+            h = h.flatten(0, 1).index_copy(0, image_at, seen[0].to(h.dtype)).view_as(h)
+            if len(seen) > 1:
+                extra = {"visual_pos_masks": image_at, "deepstack_visual_embeds": list(seen[1:])}
         mask = self.cache.mask(new, fresh)
         out = m.language_model(inputs_embeds=h, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
                                use_cache=True, static_read=None if fresh else last, **extra)
         rows = torch.arange(ids.shape[0], device=ids.device)
-        return self.model.lm_head(out.last_hidden_state[rows, last]).float()
+        return self.model.lm_head(out.last_hidden_state[rows, last]).float(), seen
 
 
 class Slots:

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import compiled
 import data
+import memory
 import model as M
 
 aten = torch.ops.aten
@@ -291,12 +292,13 @@ def rebuild(model, fmt, rows=16, window=200, chunk=50):
     with simulated_gpu(meter), torch.no_grad():
         S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, rows, window, chunk)
         pv, grid, n_img = fmt.images(np.zeros((1, 1, 8, 8, 3), np.uint8))
+        vis = memory.encode(model, [pv], [grid])[0]  # the frame's features, as its turn keeps them for the rebuild
         for b in range(rows):
             for k in range(window + chunk + 1):
                 u = fmt.user_ids(data.time_marker(k), n_img[0], "Tell me when it moves." if k == 1 else None)
                 content = [fmt.decision_ids[data.SILENCE], fmt.eos_id] if k != window else \
                     [fmt.decision_ids[data.RESPONSE], *fmt.ids(" It moved." * (b + 1)), fmt.eos_id]
-                S.ctx[b].append({"user": u, "content": content, "tail": list(fmt.asst_close_tail), "pv": pv, "grid": grid,
+                S.ctx[b].append({"user": u, "content": content, "tail": list(fmt.asst_close_tail), "pv": pv, "grid": grid, "vis": vis,
                                  "question": k == 1, "ids": u + content + list(fmt.asst_close_tail)})
         meter.reset()
         S._rebuild()

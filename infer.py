@@ -38,7 +38,7 @@ import compiled
 import data
 import model as M
 import synthetic
-from memory import Decay, Window, cat, visual_inputs
+from memory import Decay, Features, Window, cat, encode, visual_inputs
 
 WAIT_PROMPT = (  # SPEC section 3: offline models answer through a decision tree, "Wait" meaning silence
     "You are watching a video stream frame by frame; each frame is labelled with the seconds it covers. "
@@ -56,7 +56,8 @@ class Streams:
     its frames, and attention over the row's context. What that context holds as the stream grows, and what
     rebuilding it costs, is its memory's (memory.py, each class with its own cost): memory.Window, the sliding
     window of SPEC section 1 (the default: `window`, `chunk`), or memory.Decay, StreamBridge's round-decayed
-    compression (SPEC section 6, --memory decay). A rebuild re-encodes every row from what its memory keeps.
+    compression (SPEC section 6, --memory decay). A rebuild re-encodes every row from what its memory keeps,
+    each frame from the ViT's features kept at its turn (no ViT again).
 
     Every row also logs its trajectory as segments of token ids (a segment = one rebuilt prefix + the
     turns appended after it), the exact sequences the policy saw, for GRPO training (grpo.py)."""
@@ -91,7 +92,7 @@ class Streams:
         types = torch.zeros(n, L, dtype=torch.long)
         pos = torch.zeros(3, n, L, dtype=torch.long)
         new = torch.zeros(n, L, dtype=torch.long)
-        pvs, grids = [], []
+        pvs, grids, rows = [], [], []
         for b, c in enumerate(chunks):
             pos[:, b] = self.pos[b]  # padding slots: any position, they are never attended
             if not c:
@@ -103,13 +104,18 @@ class Streams:
             if grid is not None:
                 pvs.append(images[b][0])
                 grids.append(grid)
+                rows.append(b)
                 p, _ = self.model.model.get_rope_index(t[None], types[b : b + 1, : len(c)], image_grid_thw=grid)
                 pos[:, b, : len(c)] = p[:, 0] + self.pos[b]
             else:  # text only (a decoded token): the three mrope axes are plain positions
                 pos[:, b, : len(c)] = torch.arange(len(c)) + self.pos[b]
             self.pos[b] = pos[:, b, : len(c)].max() + 1
         self.mask = torch.cat([self.mask, new.to(dev)], 1)  # kept on the device: it grows with the context
-        kw = visual_inputs(self.model, pvs, grids, dev) if pvs else {}  # pixels, or a memory's features (Decay)
+        if pvs and not isinstance(pvs[0], Features):  # a turn's frames: the ViT once, its features kept for rebuilds
+            pvs = encode(self.model, pvs, grids)
+            for b, f in zip(rows, pvs):
+                self.cur[b]["vis"] = f
+        kw = visual_inputs(pvs, dev) if pvs else {}
         out = self.model.model(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=pos.to(dev),
                                past_key_values=self.cache, use_cache=True, mm_token_type_ids=types.to(dev), **kw)
         self.cache = out.past_key_values
@@ -120,11 +126,17 @@ class Streams:
         """Re-encode every row's context as its memory keeps it (refill: _refill below, or a compiled.StaticTurn's)."""
         chunks, images = [], []
         for b in range(self.n):
-            keep = self.ctx[b] = self.memory.keep(self, b)
+            old, keep = self.ctx[b], self.memory.keep(self, b)
+            kept = set(map(id, keep))
+            for r in old:  # a turn out of the context gives its features back (the device's memory), not its pixels
+                if id(r) not in kept and r["pv"] is not None:
+                    r["vis"] = None
+            self.ctx[b] = keep
             ids = list(self.system) + [i for r in keep for i in r["ids"]]
-            seen = [self.memory.image(r) for r in keep]
             chunks.append(ids)
-            images.append(cat(seen) if keep else None)
+            images.append(cat([(r["vis"], r["grid"]) for r in keep]) if keep else None)  # as the ViT saw them: no ViT again
+            # what training reads (grpo.py): the pixels where the memory keeps them (Window), else the features (Decay)
+            seen = [(r["vis"] if r["pv"] is None else r["pv"], r["grid"]) for r in keep]
             self.segments[b].append({"prefix": ids, "images": seen, "turns": []})
             self.pending[b] = []
         self.refill(chunks, images)

@@ -7,8 +7,8 @@ What a stream's context holds as it grows, and when infer.Streams rebuilds it: t
 
 Window is SPEC section 1's sliding window; Decay is StreamBridge's round-decayed compression (SPEC section 6).
 Before each turn Streams asks its memory whether the context must be rebuilt (due); a rebuild re-encodes
-what the memory keeps of each row (keep), each kept turn's frame as the memory holds it (image): pixels,
-or the ViT's features (see), which Decay averages. Each class states its own cost.
+what the memory keeps of each row (keep) from each kept turn's frame as the ViT saw it at its turn (its
+features, `vis`, kept in the turn: encode), which Decay averages. Each class states its own cost.
 """
 import types
 from typing import NamedTuple
@@ -25,11 +25,11 @@ class Window:
     vLLM backend shares), every row is rebuilt from its system prompt, its question turn and its last
     `window` turns.
 
-    Cost: one prefill of `window` turns, their frames through the ViT again, every `chunk + 1` turns: about
-    window/chunk turn-prefills per frame amortised, for `chunk` extra turns of memory (chunk = 1 re-encodes
-    the window every other second; chunk = window halves the memory's headroom for a single rebuild per
-    `window` frames). Memory: the KV of at most window + chunk + 1 turns, and their frames' pixel values
-    (kept to re-encode them)."""
+    Cost: one prefill of `window` turns every `chunk + 1` turns, from their frames' features (no ViT): about
+    window/chunk turn-prefills of the LM per frame amortised, for `chunk` extra turns of memory (chunk = 1
+    re-encodes the window every other second; chunk = window halves the memory's headroom for a single rebuild
+    per `window` frames). Memory: the KV of at most window + chunk + 1 turns, their frames' features (N x hidden
+    each, on the device) and pixel values (on the host: what GRPO's training forward reads, Streams.segments)."""
 
     def __init__(self, window, chunk):
         self.window, self.chunk = window, max(1, chunk)
@@ -39,16 +39,12 @@ class Window:
         return S.k > 0 and cut(S.k) > cut(S.k - 1)
 
     def see(self, S, images):
-        return images  # pixels: the forward runs the ViT
+        return images  # pixels: the forward runs the ViT, and keeps its features in the turn
 
     def keep(self, S, b):
         ctx = S.ctx[b]
         q = next((i for i, r in enumerate(ctx) if r["question"]), -1)
         return [ctx[i] for i in data.window_turns(len(ctx), q, self.window)]
-
-    @staticmethod
-    def image(r):
-        return r["pv"], r["grid"]
 
 
 class Decay:
@@ -73,7 +69,7 @@ class Decay:
     in its marker, not in its positions. A turn appended after a compression gives the logits of one full forward
     over the compressed sequence (test_decay_turns_equal_full_forward_over_the_compressed_sequence).
 
-    Cost: the ViT runs once per frame (see); its features (N x hidden floats per frame, Qwen3-VL's deepstack
+    Cost: the ViT runs once per frame (in the forward); its features (N x hidden floats per frame, Qwen3-VL's deepstack
     levels too) are kept for each turn in context instead of its pixels. A compression is host work (merging:
     means of N x hidden) and one re-prefill of every row from features, no ViT: at most 2/3 max_len tokens a
     row, and the next comes after at least max_len/3 tokens of new turns: about 2 turn-prefills per frame
@@ -94,24 +90,13 @@ class Decay:
     def due(self, S, sizes):
         return any(n and self.tokens(S, b) + n > self.max_len for b, n in enumerate(sizes))
 
-    @torch.no_grad()
     def see(self, S, images):
-        """The ViT once per frame of this turn, every row's in one call. Each row's features are kept in its turn
-        (S.cur), to be merged later; its pixels are not kept. Returns (features, grid) per row for the forward."""
-        rows = [b for b, im in enumerate(images) if im is not None]
-        if not rows:
-            return images
-        model, dev = S.model, S.model.device
-        vis, grid = model.model.visual, torch.cat([images[b][1] for b in rows])
-        kw = {k[len("image_"):]: v for k, v in M.vision_inputs(model, grid, dev).items()}  # the ViT's own names
-        out = vis(torch.cat([images[b][0] for b in rows]).to(dev).type(vis.dtype), grid_thw=grid.to(dev), **kw)
-        sizes = (grid.prod(-1) // vis.spatial_merge_size ** 2).tolist()
-        deep = [d.split(sizes) for d in getattr(out, "deepstack_features", None) or []]
-        seen = list(images)
-        for i, (b, e) in enumerate(zip(rows, out.pooler_output.split(sizes))):
-            S.cur[b].update(vis=Features(e, tuple(d[i] for d in deep)), frames=1, pv=None)
-            seen[b] = (S.cur[b]["vis"], images[b][1])
-        return seen
+        """The forward runs the ViT once per frame and keeps its features in the turn (S.cur, to be merged later); its
+        pixels are not kept."""
+        for b, im in enumerate(images):
+            if im is not None:
+                S.cur[b]["pv"] = None
+        return images
 
     def keep(self, S, b):
         ctx, fmt = S.ctx[b], S.fmt
@@ -129,10 +114,6 @@ class Decay:
             raise data.UserError(f"--max_len {self.max_len}: too small; the system prompt and the turns kept whole (the question "
                                  f"turn, the newest quarter of max_len) take {held} tokens, over 2/3 of it")
         return kept
-
-    @staticmethod
-    def image(r):
-        return r["vis"], r["grid"]
 
 
 class Features(NamedTuple):
@@ -155,21 +136,29 @@ class Features(NamedTuple):
 
 
 def cat(images):
-    """A row's frames (pixels or Features, grid) as one forward's: concatenated in order."""
+    """A row's frames (Features, grid) as one forward's: concatenated in order."""
     xs, grids = zip(*images)
-    return (Features.cat(xs) if isinstance(xs[0], Features) else torch.cat(xs)), torch.cat(grids)
+    return Features.cat(xs), torch.cat(grids)
 
 
-def visual_inputs(model, xs, grids, device):
-    """The forward's keyword arguments for frames `xs` (all pixels, or all Features) with their grids: the pixels
-    and what the ViT derives from the grids, or the features as the model's precomputed encoder outputs
+@torch.no_grad()
+def encode(model, pvs, grids):
+    """The ViT once over frames' pixels `pvs` with their grids (all of a turn's rows in one call): their Features, one
+    per frame, as the LM reads them and a rebuild re-encodes them."""
+    vis, dev, grid = model.model.visual, model.device, torch.cat(grids)
+    kw = {k[len("image_"):]: v for k, v in M.vision_inputs(model, grid, dev).items()}  # the ViT's own names
+    out = vis(torch.cat(pvs).to(dev).type(vis.dtype), grid_thw=grid.to(dev), **kw)
+    sizes = (grid.prod(-1) // vis.spatial_merge_size ** 2).tolist()
+    deep = [d.split(sizes) for d in getattr(out, "deepstack_features", None) or []]
+    return [Features(e, tuple(d[i] for d in deep)) for i, e in enumerate(out.pooler_output.split(sizes))]
+
+
+def visual_inputs(xs, device):
+    """The forward's keyword arguments for frames' Features `xs`: the model's precomputed encoder outputs
     (`mm_encoder_outputs`, which both families take in place of pixel values; no ViT)."""
-    grid = torch.cat(grids)
-    if isinstance(xs[0], Features):
-        f = Features.cat(xs)
-        out = types.SimpleNamespace(pooler_output=(f.embeds.to(device),), deepstack_features=[(d.to(device),) for d in f.deep])
-        return {"mm_encoder_outputs": {"image": out}}
-    return {"pixel_values": torch.cat(xs).to(device), "image_grid_thw": grid.to(device), **M.vision_inputs(model, grid, device)}
+    f = Features.cat(xs)
+    out = types.SimpleNamespace(pooler_output=(f.embeds.to(device),), deepstack_features=[(d.to(device),) for d in f.deep])
+    return {"mm_encoder_outputs": {"image": out}}
 
 
 def compress(units, budget, size, merge, ends_round, pinned):

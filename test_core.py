@@ -1317,7 +1317,8 @@ def test_cached_turns_equal_full_forward_batched_and_after_rebuild(tiny, family)
     fmt = data.ChatFormat(processor, M.frames_per_turn(model))
     frames = np.random.default_rng(0).integers(0, 255, (14, fmt.frames_per_turn, 56, 56, 3), dtype=np.uint8)
     S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 2, window=4, chunk=3)  # rebuilds after 7 turns
-    got = [[], []]
+    got, vit = [[], []], []
+    hook = model.model.visual.register_forward_hook(lambda m, args, out: vit.append(len(out.pooler_output)))
     for k in range(10):
         q = "Tell me when the square turns red."
         lg = S.observe([(frames[k], data.time_marker(k), q if k == 1 else None), (frames[13 - k], data.time_marker(k), q if k == 0 else None)])
@@ -1333,7 +1334,14 @@ def test_cached_turns_equal_full_forward_batched_and_after_rebuild(tiny, family)
             S.end_turn(1, [fmt.decision_ids[data.RESPONSE], *text, fmt.eos_id], len(text) + 1)
         else:
             S.end_turn(1, [fmt.decision_ids[data.SILENCE], fmt.eos_id], 0)
+    hook.remove()
     assert S.rebuilds == 1 and len(S.segments[0]) == 2
+    # the ViT ran once a turn, on both rows' frames: the rebuild re-encoded the kept frames from their features. A turn
+    # out of the window gave its features back and kept its pixels (training's)
+    assert vit == [2 * int(S.ctx[0][0]["grid"][0].prod()) // 4] * 10
+    dropped = [r for seg in S.segments[0] for r in seg["turns"] if not any(r is x for x in S.ctx[0])]
+    assert len(dropped) == 3 and all(r["vis"] is None and r["pv"] is not None for r in dropped)
+    assert all(r["vis"] is not None for r in S.ctx[0])
     for b in range(2):
         # every turn's logits equal one fresh forward over its segment: the rebuilt windowed context plus what followed
         ends, turn = [], 0
@@ -1399,8 +1407,8 @@ def test_compiled_turns_equal_eager_and_compile_once(tiny, family, backend):
 
 def test_compiled_turn_widens_past_999_s_and_refills_as_eager(tiny):
     """compiled.StaticTurn's turn holds the longest turn up to the marker of 999 s: a stream past it widens the turn once
-    (a recompile when compiled), and its window rebuilds (StaticTurn.refill) give what eager ones give. Uncompiled
-    (backend None: the same code path, no C++ build)."""
+    (a recompile when compiled), and its window rebuilds (StaticTurn.refill, from the frames' features kept at their turns,
+    no ViT) give what eager ones give. Uncompiled (backend None: the same code path, no C++ build)."""
     import compiled
     model, processor = M.load(tiny["qwen2_5_vl"])
     model.eval()
@@ -1418,9 +1426,12 @@ def test_compiled_turn_widens_past_999_s_and_refills_as_eager(tiny):
         return logp, S
 
     eager, E = stream(None)
-    turn = compiled.StaticTurn(model, 1, backend=None)
+    turn, vit = compiled.StaticTurn(model, 1, backend=None), []
+    hook = model.model.visual.register_forward_hook(lambda m, args, out: vit.append(len(out.pooler_output)))
     got, C = stream(turn)
+    hook.remove()
     assert C.rebuilds == E.rebuilds == 2 and turn.T == turn.widest
+    assert len(vit) == 12  # the ViT once a turn: a refill re-encodes the frames from the features kept at their turns
     assert max((a - b).abs().max().item() for a, b in zip(eager, got)) <= 1e-5
 
 
@@ -1743,7 +1754,7 @@ def test_decay_turns_equal_full_forward_over_the_compressed_sequence(tiny, famil
 
     def full(ids, images):
         t = torch.tensor(ids)[None]
-        kw = memory.visual_inputs(model, [x for x, _ in images], [g for _, g in images], "cpu")
+        kw = memory.visual_inputs([x for x, _ in images], "cpu")
         with torch.no_grad():
             return model(input_ids=t, attention_mask=torch.ones_like(t), mm_token_type_ids=(t == fmt.image_token_id).long(),
                          image_grid_thw=torch.cat([g for _, g in images]), **kw).logits[0, -1]
