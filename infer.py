@@ -10,6 +10,7 @@ whether to stay silent or to respond (SPEC sections 1, 3, 6).
     python infer.py --backend vllm --model CKPT --ann ANN.jsonl                      # GPU, vLLM with prefix caching
     python infer.py --speed                                                          # O(1)-per-frame benchmark
     python infer.py --speed --compile                                                # + each turn one compiled graph (compiled.py)
+    python infer.py --speed --compile --model /tmp/m3b --speed_side 448              # the same on a GPU (python model.py --random ...)
     python infer.py --model out/sft-cb --ann ANN.jsonl --memory decay --max_len 8000 # StreamBridge's round-decayed memory (memory.py)
     python infer.py --model out/sft-cb --ann ANN.jsonl --activation out/act          # StreamBridge's activation model decides (activation.py)
     python infer.py --speed --memory decay --max_len 1500                            # + the decayed memory's row
@@ -40,6 +41,7 @@ import model as M
 import synthetic
 from memory import Decay, Features, Window, cat, encode, visual_inputs
 
+DEFAULT_MODEL = "out/sft-cb"
 WAIT_PROMPT = (  # SPEC section 3: offline models answer through a decision tree, "Wait" meaning silence
     "You are watching a video stream frame by frame; each frame is labelled with the seconds it covers. "
     "Before the question is asked, just watch and reply Wait. After the question is asked, at every frame follow "
@@ -594,19 +596,22 @@ def vllm_runner(args, todo):
 
 
 def speed(args):
-    """Tiny model, random frames, --speed_turns turns of one stream, forced silence (the per-frame cost of
-    watching). Compares the incremental cache with a window, without one, with StreamBridge's round-decayed
-    memory (--memory decay --max_len N), through the compiled turn (--compile), and a naive loop that re-encodes
-    the whole context every second."""
+    """--model (by default the tiny one), random frames of --speed_side px, --speed_turns turns of one stream, forced
+    silence (the per-frame cost of watching). Compares the incremental cache with a window, without one, with
+    StreamBridge's round-decayed memory (--memory decay --max_len N), through the compiled turn (--compile), and a
+    naive loop that re-encodes the whole context every second. On a GPU where there is one (bf16 unless --dtype);
+    each turn's time ends with its decision read back, as a streamed turn's does."""
     torch.manual_seed(0)
     path = M.latest(args.model or "") or M.ensure_tiny()
-    model, processor = M.load(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = M.load(path, dtype=getattr(torch, dtype_of(args)), device=device)
     model.eval()
     fmt = data.ChatFormat(processor, M.frames_per_turn(model))
     rng = np.random.default_rng(0)
-    side = synthetic.SIZE  # the default data's frames
+    side = args.speed_side
     frames = rng.integers(0, 255, (args.speed_turns, fmt.frames_per_turn, side, side, 3), dtype=np.uint8)
     silence = [fmt.decision_ids[data.SILENCE], fmt.eos_id]
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
 
     def incremental(runs, repeats=3):
         """runs: name -> (window, chunk, compiled turn or None, memory or None). Each repeat streams every run once,
@@ -622,6 +627,7 @@ def speed(args):
                 for k in range(args.speed_turns):
                     t = time.perf_counter()
                     logits = S.observe([(frames[k], data.time_marker(k), "Tell me when the square turns red." if k == 0 else None)])
+                    int(logits[0].argmax())  # the decision, read back
                     S.end_turn(0, silence, 0)
                     lat[name][-1].append(time.perf_counter() - t)
                     mem.append(S.cache_bytes())
@@ -637,18 +643,20 @@ def speed(args):
         lat = {}
         for k in (20, 180):
             enc = fmt.encode(dict(conv, turns=conv["turns"][: k + 1]), frames)
-            b = data.collate([enc], fmt.tok.pad_token_id)
+            b = {key: v.to(device) for key, v in data.model_inputs(data.collate([enc], fmt.tok.pad_token_id)).items()}
             ts = []
             for _ in range(3):
                 t = time.perf_counter()
                 with torch.no_grad():
-                    model(**data.model_inputs(b), logits_to_keep=1)
+                    model(**b, logits_to_keep=1)
+                sync()
                 ts.append(time.perf_counter() - t)
             lat[k] = min(ts)  # the forward alone: tokenising the whole context again would cost more still
         return lat
 
     W, C = args.window, args.chunk
-    print(f"model {path}; {args.speed_turns} turns of one stream; window {W}, rebuild chunk {C}")
+    print(f"model {path} ({device}, {dtype_of(args)}); {args.speed_turns} turns of one stream, {side}-px frames; window {W}, "
+          f"rebuild chunk {C}")
     runs = {"cache + window": (W, C, None, None), "cache, no window": (10**9, 1, None, None)}
     if args.memory == "decay":  # StreamBridge's memory (memory.Decay), in the same run
         runs[f"decay, max_len {args.max_len}"] = (W, C, None, Decay(args.max_len))
@@ -657,13 +665,18 @@ def speed(args):
     speed_table(incremental(runs), naive(181), args)
 
 
+def around(t, chunk):
+    """The turns speed's "turn t" is the mean of, as a range: whole rebuild periods around t, at least 20 turns."""
+    span = chunk * math.ceil(20 / chunk)
+    return t - span // 2, t - span // 2 + span
+
+
 def speed_table(res, nv, args):
     """speed's rows. Turn 20: mean of turns 10-29 (no rebuild yet); turns 180 and 600: means over whole rebuild
     periods around them, so the amortised cost of the rebuilds is in (a span that holds no rebuild would flatter the
     cache); turn 600 needs --speed_turns 613. Cache: the KV cache's peak by turns 50/150/300/600; tokens: the peak context."""
-    span = args.chunk * math.ceil(20 / args.chunk)
     at20 = lambda lat: float(np.mean(lat[10:30])) * 1000
-    at = lambda lat, t: float(np.mean(lat[t - span // 2: t - span // 2 + span])) * 1000 if t - span // 2 + span <= len(lat) else float("nan")
+    at = lambda lat, t: float(np.mean(lat[slice(*around(t, args.chunk))])) * 1000 if around(t, args.chunk)[1] <= len(lat) else float("nan")
     marks = [t for t in (50, 150, 300, 600) if t <= args.speed_turns]
     ms = lambda x: f"{x:.1f}" if x == x else "-"
     print(f"{'':22} {'turn 20 ms':>11} {'turn 180 ms':>12} {'turn 600 ms':>12} {'180/20':>7} {'peak tokens':>12} "
@@ -695,7 +708,7 @@ def speed_table(res, nv, args):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="out/sft-cb", help="checkpoint directory (sft.py / grpo.py output) or hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (sft.py / grpo.py output) or hub id")
     p.add_argument("--offline_model", default=None, help="an instruction model without decision tokens: SPEC 3's Wait protocol")
     p.add_argument("--ann", default=None, help="annotation JSONL to predict")
     p.add_argument("--out", default=None, help="predictions JSONL (default: MODEL/preds-<ann name>.jsonl)")
@@ -714,8 +727,11 @@ def get_args(argv=None):
     p.add_argument("--threshold", type=float, default=None, help="respond when p(</Response>) >= this (default: argmax)")
     p.add_argument("--speak_before_question", dest="silent_before_question", action="store_false",
                    help="let the model respond before the question is asked (default: forced silence)")
-    p.add_argument("--speed", action="store_true", help="latency/memory benchmark on the tiny model")
+    p.add_argument("--speed", action="store_true", help="latency/memory benchmark (the tiny model unless --model; on the GPU "
+                   "where there is one)")
     p.add_argument("--speed_turns", type=int, default=300)
+    p.add_argument("--speed_side", type=int, default=synthetic.SIZE, help="--speed: the random frames' side in pixels "
+                   "(default: the synthetic data's; the processor resizes them as it does a video's)")
     p.add_argument("--allow_failed", action="store_true", help="--ann: samples whose video fails are left out (bench.py "
                    "scores them as silent) instead of failing the run")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND", help="HF backend: each turn's "
@@ -742,8 +758,14 @@ def check_args(args):
         flag = "--memory decay" if args.memory == "decay" else "--activation"  # (the HF forward takes merged frames as features)
         raise data.UserError(f"{flag} runs on the HF backend (StreamBridge's memory and gate are infer.Streams'): drop --backend vllm")
     if args.speed:
-        if args.speed_turns < 181:
-            raise data.UserError(f"--speed_turns {args.speed_turns}: must be >= 181 (the comparison is at turn 180)")
+        if args.window == 200:
+            args.window, args.chunk = 50, 25  # W=50 over 300 turns; rebuild every W/2 turns
+        if args.model != DEFAULT_MODEL:  # (the default falls back to the tiny model where it has not been trained)
+            M.check_model(args.model)
+        first, end = around(180, args.chunk)
+        if args.speed_turns < end:
+            raise data.UserError(f"--speed_turns {args.speed_turns}: must be >= {end} (turn 180 is the mean of turns "
+                                 f"{first}-{end - 1}, whole rebuild periods of --chunk {args.chunk})")
         return
     if not (args.ann or args.video):
         raise data.UserError("give --ann ANN.jsonl, --video FILE --question TEXT, or --speed")
@@ -774,8 +796,6 @@ def check_args(args):
 def main(args):
     check_args(args)
     if args.speed:
-        if args.window == 200:
-            args.window, args.chunk = 50, 25  # W=50 over 300 turns; rebuild every W/2 turns
         return speed(args)
     if args.video:
         return watch(args)

@@ -2397,6 +2397,8 @@ BAD_INPUTS = [  # (command line, words of the error line, paths that must not ex
     ("infer.py --model {tiny} --ann {tmp}/novideo.jsonl --backend vllm --activation {tiny}", ["--activation runs on the HF backend"], []),
     ("infer.py --model {tiny} --ann {tmp}/novideo.jsonl --activation {tiny} --out {tmp}/p.jsonl", ["--activation", "not an activation model"], ["p.jsonl"]),
     ("infer.py --speed --memory decay", ["--memory decay needs --max_len"], []),
+    ("infer.py --speed --speed_turns 181", ["--speed_turns 181: must be >= 193", "turns 168-192"], []),
+    ("infer.py --speed --model {tmp}/nomodel", ["--model", "nomodel"], []),
 ]
 
 
