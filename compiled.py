@@ -97,20 +97,21 @@ class StaticTurn:
         with _static_forms(self.model, self.patches):
             logits, seen = (self.graph if kind else self._run)(**x)
         self.off += max(len(c) for c in chunks)  # the next forward writes over this one's padding at the end
-        if kind and self.dev.type == "cuda":  # a CUDA graph reuses its outputs
-            logits, seen = logits.clone(), seen and tuple(t.clone() for t in seen)
+        if kind and self.dev.type == "cuda":  # a CUDA graph reuses its outputs (seen: copied by _keep)
+            logits = logits.clone()
         if seen:
             self._keep(S, images, seen, kind == "turn")
         return logits
 
     def _keep(self, S, images, seen, turn):
         """Each row's frame as the ViT saw it (its features: embeds, Qwen3-VL's deepstack levels), kept in the row's turn
-        for the rebuilds to re-encode (Streams._rebuild); a padding row's blank frame is not."""
+        for the rebuilds to re-encode (Streams._rebuild); a padding row's blank frame is not. Copies, not views of the
+        batch's outputs (a CUDA graph's are written over by its next replay)."""
         i = 0
         for b, im in enumerate(images):
             n = int(im[1].prod()) // S.fmt.merge**2 if im is not None else self.n_img if turn else 0
             if im is not None:
-                S.cur[b]["vis"] = Features(seen[0][i:i + n], tuple(d[i:i + n] for d in seen[1:]))
+                S.cur[b]["vis"] = Features(seen[0][i:i + n].clone(), tuple(d[i:i + n].clone() for d in seen[1:]))
             i += n
 
     # -------------------------------------------------------------------------
@@ -152,8 +153,8 @@ class StaticTurn:
         if S is not self.owner:
             self._load(S)
         L = max(len(c) for c in chunks)
-        if L > self.cache.slots:
-            self._resize(L, S)
+        if L > self.cache.slots:  # (x2, as forward grows it: at exactly L the next turn would grow it again)
+            self._resize(max(2 * self.cache.slots, L), S)
         self.cache.put(None, None, 0)
         x = self._whole(S, chunks, images, L)
         with _static_forms(self.model, self.patches):

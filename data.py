@@ -285,11 +285,11 @@ def build_conversation(sample, n_turns, fps=1.0, states=2):
 
 def window_turns(n_turns, q_turn, W):
     """Indices of the turns a sliding window keeps: the question turn plus the last W turns
-    (the system prompt is always kept). W <= 0 keeps everything."""
+    (the system prompt is always kept). W <= 0 keeps everything; q_turn < 0: no question yet."""
     if W <= 0 or n_turns <= W:
         return list(range(n_turns))
     last = list(range(n_turns - W, n_turns))
-    return last if q_turn >= n_turns - W else [q_turn] + last
+    return last if q_turn < 0 or q_turn >= n_turns - W else [q_turn] + last
 
 
 def window_start(k, W, chunk):

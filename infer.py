@@ -130,9 +130,9 @@ class Streams:
         for b in range(self.n):
             old, keep = self.ctx[b], self.memory.keep(self, b)
             kept = set(map(id, keep))
-            for r in old:  # a turn out of the context gives its features back (the device's memory), not its pixels
-                if id(r) not in kept and r["pv"] is not None:
-                    r["vis"] = None
+            for r in old:
+                if id(r) not in kept:
+                    self._unsee(r)
             self.ctx[b] = keep
             ids = list(self.system) + [i for r in keep for i in r["ids"]]
             chunks.append(ids)
@@ -143,6 +143,19 @@ class Streams:
             self.pending[b] = []
         self.refill(chunks, images)
         self.rebuilds += 1
+
+    @staticmethod
+    def _unsee(r):
+        """A turn out of the context gives its features back (the device's memory); its pixels stay, what training reads.
+        (Decay's turns keep theirs: their features are all they have of their frames.)"""
+        if r["pv"] is not None:
+            r["vis"] = None
+
+    def close(self):
+        """The streams are over: every turn gives its features back (_unsee); a GRPO update holds the turns for a while."""
+        for ctx in self.ctx:
+            for r in ctx:
+                self._unsee(r)
 
     def _refill(self, chunks, images):
         """The rows' contexts, chunks with their images, re-encoded from empty one row at a time: rows padded to a common
@@ -372,6 +385,7 @@ def run_streams(model, fmt, batch, args, policy=None, on_turn=None):
                 out[b]["responses"].append({"time": t, "text": text})
                 if on_turn:
                     on_turn(b, t, text)
+    S.close()
     return out, S
 
 
@@ -602,7 +616,7 @@ def speed(args):
     naive loop that re-encodes the whole context every second. On a GPU where there is one (bf16 unless --dtype);
     each turn's time ends with its decision read back, as a streamed turn's does."""
     torch.manual_seed(0)
-    path = M.latest(args.model or "") or M.ensure_tiny()
+    path = (M.latest(DEFAULT_MODEL) or M.ensure_tiny()) if args.model == DEFAULT_MODEL else M.resolve(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = M.load(path, dtype=getattr(torch, dtype_of(args)), device=device)
     model.eval()
@@ -643,7 +657,8 @@ def speed(args):
         lat = {}
         for k in (20, 180):
             enc = fmt.encode(dict(conv, turns=conv["turns"][: k + 1]), frames)
-            b = {key: v.to(device) for key, v in data.model_inputs(data.collate([enc], fmt.tok.pad_token_id)).items()}
+            b = data.model_inputs(data.collate([enc], fmt.tok.pad_token_id))
+            b = {**{key: v.to(device) for key, v in b.items()}, **M.vision_inputs(model, b["image_grid_thw"], device)}
             ts = []
             for _ in range(3):
                 t = time.perf_counter()
@@ -750,7 +765,7 @@ def get_args(argv=None):
 
 def check_args(args):
     """Flags that cannot work, named before a model loads: sizes, files that exist, --ask_at within the video."""
-    data.check_flags(args, positive=("fps", "chunk", "streams", "max_new", "max_len"), non_negative=("window",),
+    data.check_flags(args, positive=("fps", "chunk", "streams", "max_new", "max_len", "speed_side"), non_negative=("window",),
                      fractions=("threshold", "act_threshold"))
     if args.memory == "decay" and args.max_len is None:
         raise data.UserError("--memory decay needs --max_len N: the most tokens a stream's context may hold")

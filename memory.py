@@ -29,7 +29,8 @@ class Window:
     window/chunk turn-prefills of the LM per frame amortised, for `chunk` extra turns of memory (chunk = 1
     re-encodes the window every other second; chunk = window halves the memory's headroom for a single rebuild
     per `window` frames). Memory: the KV of at most window + chunk + 1 turns, their frames' features (N x hidden
-    each, on the device) and pixel values (on the host: what GRPO's training forward reads, Streams.segments)."""
+    each, 4 such with Qwen3-VL's deepstack levels, on the device) and every turn's pixel values (on the host: what
+    GRPO's training forward reads, Streams.segments)."""
 
     def __init__(self, window, chunk):
         self.window, self.chunk = window, max(1, chunk)
@@ -76,7 +77,8 @@ class Decay:
     amortised, however long the stream. With several rows, a compression re-encodes all of them (one batched
     cache, whose length only a rebuild resets); a row under 2/3 max_len is re-encoded unchanged. Memory: at
     most max_len tokens of KV per row when each turn's decision is read (an answer decoded after it may pass
-    it by up to --max_new tokens until the next turn), and the features of the turns in context."""
+    it by up to --max_new tokens until the next turn), and the features of the turns in context; Streams.segments
+    holds every turn's (GRPO's record) while the stream runs, on the device: they grow with the stream."""
 
     KEEP = 2 / 3  # what a compression leaves of max_len (ours: 2/3 re-encoded once per 1/3 added, as the window at W = 2 chunk)
 
@@ -150,7 +152,8 @@ def encode(model, pvs, grids):
     out = vis(torch.cat(pvs).to(dev).type(vis.dtype), grid_thw=grid.to(dev), **kw)
     sizes = (grid.prod(-1) // vis.spatial_merge_size ** 2).tolist()
     deep = [d.split(sizes) for d in getattr(out, "deepstack_features", None) or []]
-    return [Features(e, tuple(d[i] for d in deep)) for i, e in enumerate(out.pooler_output.split(sizes))]
+    # each frame's own copy, not a view of the batch's: a row that keeps a turn longer than the others keeps only its own
+    return [Features(e.clone(), tuple(d[i].clone() for d in deep)) for i, e in enumerate(out.pooler_output.split(sizes))]
 
 
 def visual_inputs(xs, device):

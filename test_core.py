@@ -117,6 +117,7 @@ def test_window_keeps_question_turn_and_last_w():
     assert data.window_turns(10, 2, 4) == [2, 6, 7, 8, 9]
     assert data.window_turns(10, 7, 4) == [6, 7, 8, 9]
     assert data.window_turns(10, 2, 0) == list(range(10)) and data.window_turns(3, 0, 5) == [0, 1, 2]
+    assert data.window_turns(10, -1, 4) == [6, 7, 8, 9]  # no question yet (a stream's window before it is asked)
 
 
 def test_split_decision():
@@ -1361,6 +1362,26 @@ def test_cached_turns_equal_full_forward_batched_and_after_rebuild(tiny, family)
     assert S.ctx[0][0]["question"] and S.ctx[1][0]["question"]
 
 
+def test_a_rebuild_before_the_question_keeps_the_last_turns_once(tiny):
+    """A window rebuild before the question is asked keeps the last W turns, each once (no question turn to pin: it
+    used to put the newest turn in front of them again), and the next turn's logits equal a fresh forward over them."""
+    model, processor = M.load(tiny["qwen2_5_vl"])
+    model.eval()
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+    frames = np.random.default_rng(0).integers(0, 255, (6, fmt.frames_per_turn, 56, 56, 3), dtype=np.uint8)
+    S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 1, window=2, chunk=1)  # rebuilt before turn 4, the question at 5
+    got = []
+    for k in range(6):
+        got.append(S.observe([(frames[k], data.time_marker(k), "Tell me when it moves." if k == 5 else None)])[0])
+        S.end_turn(0, [fmt.decision_ids[data.SILENCE], fmt.eos_id], 0)
+    seg = S.segments[0][1]
+    assert S.rebuilds == 1 and [r["k"] for r in S.ctx[0]] == [2, 3, 4, 5] and len(seg["images"]) == 2
+    r = seg["turns"][0]
+    recs = [{"pv": p, "grid": g} for p, g in seg["images"]] + [r]
+    ids = seg["prefix"] + r["user"]
+    assert torch.allclose(full_logits(model, fmt, ids, recs)[-1], got[4], atol=1e-4)
+
+
 @pytest.mark.parametrize("family, backend", [("qwen2_5_vl", "inductor"), ("qwen3_vl", "aot_eager")])
 def test_compiled_turns_equal_eager_and_compile_once(tiny, family, backend):
     """infer.py --compile (compiled.StaticTurn): 60 turns of 2 streams with window 6 and chunk 4 (10 rebuilds), one
@@ -1432,6 +1453,34 @@ def test_compiled_turn_widens_past_999_s_and_refills_as_eager(tiny):
     hook.remove()
     assert C.rebuilds == E.rebuilds == 2 and turn.T == turn.widest
     assert len(vit) == 12  # the ViT once a turn: a refill re-encodes the frames from the features kept at their turns
+    assert max((a - b).abs().max().item() for a, b in zip(eager, got)) <= 1e-5
+
+
+def test_compiled_turn_grows_its_cache_for_long_answers_as_eager(tiny, capsys):
+    """compiled.StaticTurn sizes its static cache from the window, with room for answers of ~4 turns; longer ones grow
+    it x2 (its contents kept: Slots.put), and every logit stays eager's, across the rebuilds after it. Uncompiled
+    (backend None: the same code path)."""
+    import compiled
+    model, processor = M.load(tiny["qwen2_5_vl"])
+    model.eval()
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+    frames = np.random.default_rng(0).integers(0, 255, (6, fmt.frames_per_turn, 56, 56, 3), dtype=np.uint8)
+    text, rsp = fmt.ids(" The square turned red." * 20), fmt.decision_ids[data.RESPONSE]
+
+    def stream(turn):
+        S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 1, window=2, chunk=1, turn=turn)
+        logp = []
+        for k in range(6):
+            logp.append(torch.log_softmax(S.observe([(frames[k], data.time_marker(k), "Q?" if k == 0 else None)]), -1))
+            for t in [rsp, *text]:
+                logp.append(torch.log_softmax(S.feed([t]), -1))
+            S.end_turn(0, [rsp, *text, fmt.eos_id], len(text) + 1)
+        return logp, S
+
+    eager, E = stream(None)
+    turn = compiled.StaticTurn(model, 1, backend=None)
+    got, C = stream(turn)
+    assert "the static cache grows from 512 to 1024" in capsys.readouterr().err and C.rebuilds == E.rebuilds == 1
     assert max((a - b).abs().max().item() for a, b in zip(eager, got)) <= 1e-5
 
 
