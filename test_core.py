@@ -2350,7 +2350,7 @@ def test_silent_streamed_turn_keeps_its_budgets(name, syncs):
 def test_compiled_turn_reads_nothing_back(name):
     """infer.py --compile's code path (compiled.StaticTurn, run uncompiled: torch.compile does not run on the meta
     device) reads no value back inside the forward, which a CUDA graph needs: the turn's one host sync is the
-    decision's read-back, where the eager turn has 3 (3B) and 9 (4B)."""
+    decision's read-back, where the eager turn has 2 (3B) and 8 (4B)."""
     import compiled
     model, fmt = costs.build(name, 448)
     meter, S = costs.streamed_turn(model, fmt, turns=3, turn=compiled.StaticTurn(model, 1, backend=None))
