@@ -210,9 +210,9 @@ class StaticTurn:
         return x
 
     def _whole(self, S, chunks, images, L):
-        """refill's inputs: each row's chunk, its frames (Features) anywhere in it, from position 0. Positions: the text before the
-        first frame counts up; each span from a frame's first token to the next frame's is looked up by its layout
-        (_template) and added to the running offset (the model's function over the whole chunk: ~5 ms at 50 turns)."""
+        """refill's inputs: each row's chunk, its frames (Features) anywhere in it, from position 0. Positions: the text
+        before the first frame counts up; each span from a frame's first token to the next frame's is looked up by its
+        layout (_template) and added to the running offset (the model's function over the whole chunk: ~5 ms at 50 turns)."""
         n, img = self.n, S.fmt.image_token_id
         ids, new = torch.full((n, L), S.pad, dtype=torch.long), torch.zeros(n, L, dtype=torch.bool)
         pos = torch.zeros(3, n, L, dtype=torch.long)  # padding: any position, it is never attended

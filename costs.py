@@ -298,8 +298,8 @@ def rebuild(model, fmt, rows=16, window=200, chunk=50):
                 u = fmt.user_ids(data.time_marker(k), n_img[0], "Tell me when it moves." if k == 1 else None)
                 content = [fmt.decision_ids[data.SILENCE], fmt.eos_id] if k != window else \
                     [fmt.decision_ids[data.RESPONSE], *fmt.ids(" It moved." * (b + 1)), fmt.eos_id]
-                S.ctx[b].append({"user": u, "content": content, "tail": list(fmt.asst_close_tail), "pv": pv, "grid": grid, "vis": vis,
-                                 "question": k == 1, "ids": u + content + list(fmt.asst_close_tail)})
+                S.ctx[b].append({"user": u, "content": content, "tail": list(fmt.asst_close_tail), "pv": pv, "grid": grid,
+                                 "vis": vis, "question": k == 1, "ids": u + content + list(fmt.asst_close_tail)})
         meter.reset()
         S._rebuild()
     return meter, S.mask.shape[1]

@@ -691,7 +691,8 @@ def speed_table(res, nv, args):
     periods around them, so the amortised cost of the rebuilds is in (a span that holds no rebuild would flatter the
     cache); turn 600 needs --speed_turns 613. Cache: the KV cache's peak by turns 50/150/300/600; tokens: the peak context."""
     at20 = lambda lat: float(np.mean(lat[10:30])) * 1000
-    at = lambda lat, t: float(np.mean(lat[slice(*around(t, args.chunk))])) * 1000 if around(t, args.chunk)[1] <= len(lat) else float("nan")
+    at = lambda lat, t: (float(np.mean(lat[slice(*around(t, args.chunk))])) * 1000 if around(t, args.chunk)[1] <= len(lat)
+                         else float("nan"))
     marks = [t for t in (50, 150, 300, 600) if t <= args.speed_turns]
     ms = lambda x: f"{x:.1f}" if x == x else "-"
     print(f"{'':22} {'turn 20 ms':>11} {'turn 180 ms':>12} {'turn 600 ms':>12} {'180/20':>7} {'peak tokens':>12} "

@@ -1560,6 +1560,19 @@ def test_incremental_decoding_equals_reencoding_every_turn(trained, synth):
     assert responses == out[0]["responses"] and len(responses) > 0
 
 
+def test_speed_prints_its_table(tiny, capsys):
+    """infer.py --speed end to end on a short stream (window 8, rebuilt every 5 turns; 190 turns, the least its turn 180
+    needs at chunk 4): its rows and their columns. Timings are not held: a benchmark, not a timed test."""
+    infer.main(infer.get_args(["--speed", "--model", tiny["qwen2_5_vl"], "--speed_turns", "190", "--window", "8",
+                               "--chunk", "4", "--speed_side", "56"]))
+    out = capsys.readouterr().out
+    assert "(cpu, float32); 190 turns of one stream, 56-px frames; window 8, rebuild chunk 4" in out
+    rows = {line[:22].strip(): line[22:].split() for line in out.splitlines() if line[:22].strip() in
+            ("cache + window", "cache, no window", "re-encode (naive)")}
+    assert len(rows) == 3 and all(float(v[0]) > 0 and float(v[1]) > 0 for v in rows.values()), out
+    assert "36 window rebuilds" in out and "x faster than re-encoding" in out
+
+
 def test_compiled_streams_say_what_eager_ones_say(trained, synth):
     """run_streams with --compile (here by aot_eager: see test_compiled_turns_equal_eager_and_compile_once), four
     streams of unequal lengths in one batch (rows that end take part as blank rows), with answers decoded: the
