@@ -206,7 +206,7 @@ def rollout(model, fmt, videos, args, gen, never):
     policy = Sampler(fmt, args.states, args.temperature, args.max_new, never, gen)
     model.eval()  # in train mode a gradient-checkpointed layer drops the KV cache the stream lives on
     with M.full_params(model):
-        outs, S = infer.run_streams(M.unwrap(model), fmt, rows, iargs, policy)
+        outs, S = infer.run_streams(M.unwrap(model), fmt, rows, iargs, policy, record=True)
     model.train()
     return [trajectory(s, b // args.group, o["responses"], S.segments[b], fmt, args.fps) for b, ((s, _), o) in enumerate(zip(rows, outs))]
 

@@ -61,10 +61,12 @@ class Streams:
     compression (SPEC section 6, --memory decay). A rebuild re-encodes every row from what its memory keeps,
     each frame from the ViT's features kept at its turn (no ViT again).
 
-    Every row also logs its trajectory as segments of token ids (a segment = one rebuilt prefix + the
-    turns appended after it), the exact sequences the policy saw, for GRPO training (grpo.py)."""
+    With `record`, every row also logs its trajectory as segments of token ids (a segment = one rebuilt prefix +
+    the turns appended after it), the exact sequences the policy saw, for GRPO training (grpo.py). They hold every
+    turn of the stream, its pixels (Decay: its features) with it; without them a turn that leaves the context is
+    freed, and a stream's memory stays bounded however long it runs."""
 
-    def __init__(self, model, fmt, system, n, window=200, chunk=50, turn=None, memory=None):
+    def __init__(self, model, fmt, system, n, window=200, chunk=50, turn=None, memory=None, record=False):
         self.model, self.fmt, self.n = model, fmt, n
         self.window, self.chunk = window, max(1, chunk)  # (compiled.StaticTurn sizes its cache from them)
         self.memory = memory or Window(window, chunk)
@@ -74,7 +76,7 @@ class Streams:
         self.pos = torch.zeros(n, dtype=torch.long)  # next mrope position of each row
         self.pending = [list(self.system) for _ in range(n)]  # decided tokens not yet in the cache
         self.ctx = [[] for _ in range(n)]  # turns in the cache: {"k", "ids", "pv", "grid", "question", ...}
-        self.segments = [[{"prefix": list(self.system), "images": [], "turns": []}] for _ in range(n)]
+        self.segments = [[{"prefix": list(self.system), "images": [], "turns": []}] for _ in range(n)] if record else None
         self.cur = [None] * n
         self.rebuilds, self.latency = 0, []  # latency: seconds of each turn (run_streams)
         self.k = 0  # the turn observed next
@@ -139,7 +141,8 @@ class Streams:
             images.append(cat([(r["vis"], r["grid"]) for r in keep]) if keep else None)  # as the ViT saw them: no ViT again
             # what training reads (grpo.py): the pixels where the memory keeps them (Window), else the features (Decay)
             seen = [(r["vis"] if r["pv"] is None else r["pv"], r["grid"]) for r in keep]
-            self.segments[b].append({"prefix": ids, "images": seen, "turns": []})
+            if self.segments is not None:
+                self.segments[b].append({"prefix": ids, "images": seen, "turns": []})
             self.pending[b] = []
         self.refill(chunks, images)
         self.rebuilds += 1
@@ -213,7 +216,8 @@ class Streams:
         r["ids"] = r["user"] + r["content"] + r["tail"]
         self.pending[b] = list(content[n_fed:]) + r["tail"]
         self.ctx[b].append(r)
-        self.segments[b][-1]["turns"].append(r)
+        if self.segments is not None:
+            self.segments[b][-1]["turns"].append(r)
         self.cur[b] = None
 
     def cache_bytes(self):
@@ -337,17 +341,18 @@ def gate_for(model, args, n):
     return A.Gate(S, threshold if args.act_threshold is None else args.act_threshold)
 
 
-def run_streams(model, fmt, batch, args, policy=None, on_turn=None):
+def run_streams(model, fmt, batch, args, policy=None, on_turn=None, record=False):
     """Stream a batch of (sample, frames) together. Returns per sample {"responses", "p_response"}:
     the responses (decision time, text) and p(</Response>) at every turn's decision position (with --activation:
-    the activation model's probability, where the main model answers only if it fires)."""
+    the activation model's probability, where the main model answers only if it fires), and the Streams
+    (with `record`, their segments: GRPO's rollouts)."""
     offline = getattr(args, "offline_model", False)
     gate = gate_for(model, args, len(batch)) if getattr(args, "activation", None) else None
     policy = policy or (FreeText if offline else Answer if gate else Greedy)(
         fmt, args.states, getattr(args, "threshold", None), args.max_new, M.vocab_mask(model, fmt.tok))
     system = WAIT_PROMPT if offline else data.build_conversation(batch[0][0], 1, states=args.states)["system"]
     turn = compiled.StaticTurn.of(model, len(batch), args.compile) if getattr(args, "compile", None) else None
-    S = Streams(model, fmt, system, len(batch), args.window, args.chunk, turn=turn, memory=memory_of(args))
+    S = Streams(model, fmt, system, len(batch), args.window, args.chunk, turn=turn, memory=memory_of(args), record=record)
     out = [{"responses": [], "p_response": [], "decisions": []} for _ in batch]
     q = [data.question_turn(s["query_time"], args.fps) for s, _ in batch]
     rsp = fmt.decision_ids[data.RESPONSE]

@@ -29,8 +29,8 @@ class Window:
     window/chunk turn-prefills of the LM per frame amortised, for `chunk` extra turns of memory (chunk = 1
     re-encodes the window every other second; chunk = window halves the memory's headroom for a single rebuild
     per `window` frames). Memory: the KV of at most window + chunk + 1 turns, their frames' features (N x hidden
-    each, 4 such with Qwen3-VL's deepstack levels, on the device) and every turn's pixel values (on the host: what
-    GRPO's training forward reads, Streams.segments)."""
+    each, 4 such with Qwen3-VL's deepstack levels, on the device) and pixel values (on the host); recording GRPO's
+    segments (Streams(record=True)) keeps every turn's pixels, what its training forward reads."""
 
     def __init__(self, window, chunk):
         self.window, self.chunk = window, max(1, chunk)
@@ -77,8 +77,8 @@ class Decay:
     amortised, however long the stream. With several rows, a compression re-encodes all of them (one batched
     cache, whose length only a rebuild resets); a row under 2/3 max_len is re-encoded unchanged. Memory: at
     most max_len tokens of KV per row when each turn's decision is read (an answer decoded after it may pass
-    it by up to --max_new tokens until the next turn), and the features of the turns in context; Streams.segments
-    holds every turn's (GRPO's record) while the stream runs, on the device: they grow with the stream."""
+    it by up to --max_new tokens until the next turn), and the features of the turns in context (recording GRPO's
+    segments, Streams(record=True), keeps every turn's, on the device: they grow with the stream)."""
 
     KEEP = 2 / 3  # what a compression leaves of max_len (ours: 2/3 re-encoded once per 1/3 added, as the window at W = 2 chunk)
 

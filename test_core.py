@@ -1317,7 +1317,7 @@ def test_cached_turns_equal_full_forward_batched_and_after_rebuild(tiny, family)
     model.eval()
     fmt = data.ChatFormat(processor, M.frames_per_turn(model))
     frames = np.random.default_rng(0).integers(0, 255, (14, fmt.frames_per_turn, 56, 56, 3), dtype=np.uint8)
-    S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 2, window=4, chunk=3)  # rebuilds after 7 turns
+    S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 2, window=4, chunk=3, record=True)  # rebuilds after 7 turns
     got, vit = [[], []], []
     hook = model.model.visual.register_forward_hook(lambda m, args, out: vit.append(len(out.pooler_output)))
     for k in range(10):
@@ -1369,7 +1369,7 @@ def test_a_rebuild_before_the_question_keeps_the_last_turns_once(tiny):
     model.eval()
     fmt = data.ChatFormat(processor, M.frames_per_turn(model))
     frames = np.random.default_rng(0).integers(0, 255, (6, fmt.frames_per_turn, 56, 56, 3), dtype=np.uint8)
-    S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 1, window=2, chunk=1)  # rebuilt before turn 4, the question at 5
+    S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 1, window=2, chunk=1, record=True)  # rebuilt before turn 4, question at 5
     got = []
     for k in range(6):
         got.append(S.observe([(frames[k], data.time_marker(k), "Tell me when it moves." if k == 5 else None)])[0])
@@ -1380,6 +1380,29 @@ def test_a_rebuild_before_the_question_keeps_the_last_turns_once(tiny):
     recs = [{"pv": p, "grid": g} for p, g in seg["images"]] + [r]
     ids = seg["prefix"] + r["user"]
     assert torch.allclose(full_logits(model, fmt, ids, recs)[-1], got[4], atol=1e-4)
+
+
+def test_streams_free_the_turns_their_window_drops(tiny):
+    """A turn that leaves the window gives its features back; without a record (Streams' default, what inference runs)
+    it is freed whole, pixels too, so a stream's memory stays bounded however long it runs. GRPO's record
+    (record=True) keeps every turn's pixels, which its training forward reads."""
+    import gc
+    import weakref
+    model, processor = M.load(tiny["qwen2_5_vl"])
+    model.eval()
+    fmt = data.ChatFormat(processor, M.frames_per_turn(model))
+    frames = np.random.default_rng(0).integers(0, 255, (8, fmt.frames_per_turn, 56, 56, 3), dtype=np.uint8)
+    for record in (False, True):
+        S, refs = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 1, window=2, chunk=1, record=record), []
+        for k in range(8):
+            S.observe([(frames[k], data.time_marker(k), "Tell me when it moves." if k == 0 else None)])
+            refs.append((weakref.ref(S.cur[0]["pv"]), weakref.ref(S.cur[0]["vis"].embeds)))
+            S.end_turn(0, [fmt.decision_ids[data.SILENCE], fmt.eos_id], 0)
+        gc.collect()
+        kept = [any(r["k"] == k for r in S.ctx[0]) for k in range(8)]
+        assert S.rebuilds == 2 and kept == [True, False, False, False, True, True, True, True]
+        assert [f() is not None for _, f in refs] == kept
+        assert [p() is not None for p, _ in refs] == ([True] * 8 if record else kept)
 
 
 @pytest.mark.parametrize("family, backend", [("qwen2_5_vl", "inductor"), ("qwen3_vl", "aot_eager")])
@@ -1599,7 +1622,8 @@ def test_offline_model_wait_protocol(tiny, synth):
     fmt = data.ChatFormat(processor, M.frames_per_turn(model))
     s = next(x for x in data.load_annotations(str(synth / "test.jsonl")) if x["query_time"] > 0)
     frames, _ = fmt.video(s["video_path"])
-    out, S = infer.run_streams(model, fmt, [(s, frames)], infer.get_args(["--offline_model", tiny["qwen2_5_vl"], "--max_new", "4"]))
+    out, S = infer.run_streams(model, fmt, [(s, frames)], infer.get_args(["--offline_model", tiny["qwen2_5_vl"], "--max_new", "4"]),
+                               record=True)
     q = data.question_turn(s["query_time"])
     assert "reply Wait" in fmt.tok.decode(S.system) and len(out[0]["p_response"]) == len(out[0]["decisions"]) == len(frames)
     turns = [r for seg in S.segments[0] for r in seg["turns"]]
@@ -1793,7 +1817,7 @@ def test_decay_turns_equal_full_forward_over_the_compressed_sequence(tiny, famil
     fmt = data.ChatFormat(processor, M.frames_per_turn(model))
     frames = np.random.default_rng(0).integers(0, 255, (40, fmt.frames_per_turn, 56, 56, 3), dtype=np.uint8)
     max_len, q, text = 700, "Tell me when the square turns red.", fmt.ids(" The square turned red.")
-    S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 2, memory=memory.Decay(max_len))
+    S = infer.Streams(model, fmt, data.SYSTEM_PROMPT, 2, memory=memory.Decay(max_len), record=True)
     got, kept = [[], []], [[], []]  # kept: each compression's turns, per row (its segment's prefix)
     for k in range(40):
         lg = S.observe([(frames[k], data.time_marker(k), q if k == 1 else None), (frames[39 - k], data.time_marker(k), q if k == 0 else None)])
