@@ -22,7 +22,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 
 import data
 import model as M
-from memory import Features
+from memory import Features, per_frame
 
 
 class StaticTurn:
@@ -105,14 +105,12 @@ class StaticTurn:
 
     def _keep(self, S, images, seen, turn):
         """Each row's frame as the ViT saw it (its features: embeds, Qwen3-VL's deepstack levels), kept in the row's turn
-        for the rebuilds to re-encode (Streams._rebuild); a padding row's blank frame is not. Copies, not views of the
-        batch's outputs (a CUDA graph's are written over by its next replay)."""
-        i = 0
-        for b, im in enumerate(images):
-            n = int(im[1].prod()) // S.fmt.merge**2 if im is not None else self.n_img if turn else 0
-            if im is not None:
-                S.cur[b]["vis"] = Features(seen[0][i:i + n].clone(), tuple(d[i:i + n].clone() for d in seen[1:]))
-            i += n
+        for the rebuilds to re-encode (Streams._rebuild); a padding row's blank frame is not (memory.per_frame: copies)."""
+        framed = [b for b, im in enumerate(images) if im is not None or turn]  # the rows with a frame in this forward
+        sizes = [int(images[b][1].prod()) // S.fmt.merge**2 if images[b] is not None else self.n_img for b in framed]
+        for b, f in zip(framed, per_frame(seen, sizes)):
+            if images[b] is not None:
+                S.cur[b]["vis"] = f
 
     # -------------------------------------------------------------------------
     # the static memory: allocated once, emptied for each new Streams, refilled after each rebuild

@@ -139,9 +139,8 @@ class Streams:
             ids = list(self.system) + [i for r in keep for i in r["ids"]]
             chunks.append(ids)
             images.append(cat([(r["vis"], r["grid"]) for r in keep]) if keep else None)  # as the ViT saw them: no ViT again
-            # what training reads (grpo.py): the pixels where the memory keeps them (Window), else the features (Decay)
-            seen = [(r["vis"] if r["pv"] is None else r["pv"], r["grid"]) for r in keep]
-            if self.segments is not None:
+            if self.segments is not None:  # what training reads (grpo.py): the pixels (Window), else the features (Decay)
+                seen = [(r["vis"] if r["pv"] is None else r["pv"], r["grid"]) for r in keep]
                 self.segments[b].append({"prefix": ids, "images": seen, "turns": []})
             self.pending[b] = []
         self.refill(chunks, images)
@@ -696,8 +695,10 @@ def speed_table(res, nv, args):
     periods around them, so the amortised cost of the rebuilds is in (a span that holds no rebuild would flatter the
     cache); turn 600 needs --speed_turns 613. Cache: the KV cache's peak by turns 50/150/300/600; tokens: the peak context."""
     at20 = lambda lat: float(np.mean(lat[10:30])) * 1000
-    at = lambda lat, t: (float(np.mean(lat[slice(*around(t, args.chunk))])) * 1000 if around(t, args.chunk)[1] <= len(lat)
-                         else float("nan"))
+
+    def at(lat, t):
+        first, end = around(t, args.chunk)
+        return float(np.mean(lat[first:end])) * 1000 if end <= len(lat) else float("nan")
     marks = [t for t in (50, 150, 300, 600) if t <= args.speed_turns]
     ms = lambda x: f"{x:.1f}" if x == x else "-"
     print(f"{'':22} {'turn 20 ms':>11} {'turn 180 ms':>12} {'turn 600 ms':>12} {'180/20':>7} {'peak tokens':>12} "

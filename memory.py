@@ -151,9 +151,14 @@ def encode(model, pvs, grids):
     kw = {k[len("image_"):]: v for k, v in M.vision_inputs(model, grid, dev).items()}  # the ViT's own names
     out = vis(torch.cat(pvs).to(dev).type(vis.dtype), grid_thw=grid.to(dev), **kw)
     sizes = (grid.prod(-1) // vis.spatial_merge_size ** 2).tolist()
-    deep = [d.split(sizes) for d in getattr(out, "deepstack_features", None) or []]
-    # each frame's own copy, not a view of the batch's: a row that keeps a turn longer than the others keeps only its own
-    return [Features(e.clone(), tuple(d[i].clone() for d in deep)) for i, e in enumerate(out.pooler_output.split(sizes))]
+    return per_frame((out.pooler_output, *(getattr(out, "deepstack_features", None) or ())), sizes)
+
+
+def per_frame(parts, sizes):
+    """A batch's visual outputs (embeds, deepstack levels...), cut into one Features per frame of `sizes` tokens: each
+    its own copy, not a view of the batch's (a row that keeps a turn longer than the others keeps only its own; a CUDA
+    graph writes over its outputs at its next replay)."""
+    return [Features(e.clone(), tuple(d.clone() for d in deep)) for e, *deep in zip(*(t.split(sizes) for t in parts))]
 
 
 def visual_inputs(xs, device):
